@@ -1,0 +1,137 @@
+"""The podman runtime driver: podman's CLI with JSON output, as asyncio subprocesses."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime, timezone
+
+from stasis.agent.process import run, tail
+from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
+from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeFailure
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Dumping and writing many GiB takes a while; a hung CRIU must still not hold the agent forever.
+DUMP_TIMEOUT = 1800.0
+
+
+class PodmanRuntime(Runtime):
+    name = "podman"
+
+    def __init__(self, podman: str = "podman"):
+        self.podman = podman
+
+    async def _podman(self, *args: str, timeout: float = 120.0, check: bool = True):
+        return await run([self.podman, *args], timeout=timeout, check=check)
+
+    async def version(self) -> str:
+        out = await self._podman("version", "--format", "json")
+        return json.loads(out.stdout).get("Client", {}).get("Version", "")
+
+    async def list(self, all: bool = False) -> list[ContainerInfo]:
+        out = await self._podman("ps", "--format", "json", *(["--all"] if all else []))
+        items = json.loads(out.stdout or "[]") or []
+        return [ContainerInfo(
+            id=c["Id"], name=(c.get("Names") or [""])[0], image=c.get("Image", ""),
+            image_id=c.get("ImageID", ""), state=c.get("State", ""),
+            created=_unix_to_rfc3339(c.get("Created")), labels=c.get("Labels") or {})
+            for c in items if not c.get("IsInfra")]
+
+    async def inspect(self, name: str) -> ContainerInfo:
+        check_name(name)
+        out = await self._podman("container", "inspect", "--format", "json", name, check=False)
+        if out.returncode != 0:
+            if "no such container" in out.stderr.lower():
+                raise NotFound(f"no container {name!r} on this host; list them with 'stasis ps'")
+            raise RuntimeFailure(f"podman inspect {name} failed: {tail(out.stderr)}")
+        c = json.loads(out.stdout)[0]
+        return ContainerInfo(
+            id=c["Id"], name=c.get("Name", name), image=c.get("ImageName", ""),
+            image_id=c.get("Image", ""), state=(c.get("State") or {}).get("Status", ""),
+            created=c.get("Created", ""), labels=(c.get("Config") or {}).get("Labels") or {})
+
+    async def checkpoint(self, name: str, archive: str, leave_running: bool) -> DumpStats:
+        check_name(name)
+        args = ["container", "checkpoint", name, "--export", archive, "--compress", "none",
+                "--print-stats"]
+        if leave_running:
+            args.append("--leave-running")
+        started = time.monotonic()
+        out = await self._podman(*args, timeout=DUMP_TIMEOUT, check=False)
+        seconds = time.monotonic() - started
+        if out.returncode != 0:
+            raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
+        stats = _first_container_stats(out.stdout)
+        return DumpStats(seconds, {k: int(v) for k, v in (stats.get("criu_statistics") or {}).items()})
+
+    async def restore(self, archive: str, name: str) -> RestoreStats:
+        check_name(name)
+        started = time.monotonic()
+        out = await self._podman("container", "restore", "--import", archive, "--name", name,
+                                 "--print-stats", timeout=DUMP_TIMEOUT, check=False)
+        seconds = time.monotonic() - started
+        if out.returncode != 0:
+            if "already in use" in out.stderr:
+                raise AlreadyExists(f"a container named {name!r} already exists on this host; "
+                                    f"restore under another name with --name")
+            raise RuntimeFailure(f"CRIU could not restore {name}: {_criu_tail(out.stderr)}")
+        stats = _first_container_stats(out.stdout)
+        return RestoreStats(seconds, stats.get("Id", ""),
+                            {k: int(v) for k, v in (stats.get("criu_statistics") or {}).items()})
+
+    async def resume(self, name: str) -> None:
+        check_name(name)
+        out = await self._podman("container", "restore", name, timeout=DUMP_TIMEOUT, check=False)
+        if out.returncode != 0:
+            raise RuntimeFailure(f"could not resume {name} from its local checkpoint: {_criu_tail(out.stderr)}")
+
+    async def remove(self, name: str, force: bool = False) -> None:
+        check_name(name)
+        out = await self._podman("rm", *(["--force", "--time", "0"] if force else []), name, check=False)
+        if out.returncode != 0:
+            if "no such container" in out.stderr.lower():
+                raise NotFound(f"no container {name!r} on this host")
+            if "running" in out.stderr.lower():
+                raise FailedPrecondition(f"container {name!r} is running; stop it first or use --force")
+            raise RuntimeFailure(f"podman rm {name} failed: {tail(out.stderr)}")
+
+    async def image_exists(self, image_id: str) -> bool:
+        out = await self._podman("image", "exists", image_id, check=False)
+        return out.returncode == 0
+
+    async def image_save(self, image: str, image_id: str, archive: str) -> None:
+        # Saving by name keeps the tag, which podman's restore looks the image up by.
+        ref = image if image and not image.startswith("<none>") else image_id
+        await self._podman("save", "--quiet", "--format", "docker-archive", "-o", archive, ref,
+                           timeout=DUMP_TIMEOUT)
+
+    async def image_load(self, archive: str) -> None:
+        await self._podman("load", "--quiet", "-i", archive, timeout=DUMP_TIMEOUT)
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name or "") and not re.match(r"^[0-9a-f]{12,64}$", name or ""):
+        from stasis.errors import InvalidArgument
+        raise InvalidArgument(f"container name {name!r} is invalid: use letters, digits, '_', '.', '-'")
+    return name
+
+
+def _first_container_stats(stdout: str) -> dict:
+    try:
+        data = json.loads(stdout)
+        return (data.get("container_statistics") or [{}])[0]
+    except (ValueError, AttributeError, IndexError):
+        return {}
+
+
+def _criu_tail(stderr: str) -> str:
+    # podman repeats CRIU's log path and last error lines; those are what a user needs.
+    return tail(stderr, 6) or "no output"
+
+
+def _unix_to_rfc3339(value) -> str:
+    try:
+        return datetime.fromtimestamp(int(value), timezone.utc).isoformat().replace("+00:00", "Z")
+    except (TypeError, ValueError, OverflowError):
+        return ""

@@ -1,0 +1,63 @@
+"""What this host can do: kernel, CRIU version and features, runtime version, CPU flags, space."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+
+from stasis import __version__
+from stasis.agent.process import run
+from stasis.agent.runtime import Runtime
+
+# Features that decide what kind of checkpoint and migration this host can take part in.
+CRIU_FEATURES = ("mem_dirty_track", "uffd", "uffd-noncoop", "tcp_half_closed", "pidfd_store",
+                 "network_lock_nftables")
+
+
+async def criu_version(criu: str = "criu") -> str:
+    if not shutil.which(criu):
+        return ""
+    out = await run([criu, "--version"], timeout=10, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("Version:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+async def criu_feature(name: str, criu: str = "criu") -> bool:
+    out = await run([criu, "check", "--feature", name], timeout=20, check=False)
+    return out.returncode == 0
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
+async def probe(host_name: str, runtime: Runtime, work_dir: str) -> dict:
+    version = await criu_version()
+    features: dict[str, bool] = {}
+    if version:
+        results = await asyncio.gather(*(criu_feature(f) for f in CRIU_FEATURES))
+        features = dict(zip(CRIU_FEATURES, results, strict=True))
+    try:
+        runtime_version = await runtime.version()
+    except Exception:  # noqa: BLE001 - a broken engine is reported as absent, not a crash
+        runtime_version = ""
+    os.makedirs(work_dir, exist_ok=True)
+    return {
+        "name": host_name, "agent_version": __version__, "kernel": platform.release(),
+        "arch": platform.machine(), "runtime": runtime.name, "runtime_version": runtime_version,
+        "criu_version": version, "criu_features": features, "cpu_flags": cpu_flags(),
+        "work_free_bytes": shutil.disk_usage(work_dir).free,
+        # Iterative pre-copy needs the kernel to track soft-dirty pages.
+        "pre_copy_possible": features.get("mem_dirty_track", False),
+    }

@@ -1,0 +1,77 @@
+"""The Runtime seam: everything the agent asks of a container engine.
+
+One implementation per engine (podman today). The rest of the agent never shells out to an
+engine itself, so adding docker means adding one class.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ContainerInfo:
+    id: str
+    name: str
+    image: str
+    image_id: str
+    state: str
+    created: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DumpStats:
+    """What a runtime checkpoint reports: wall time of the whole dump and CRIU's own figures."""
+
+    seconds: float
+    criu: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def frozen_seconds(self) -> float:
+        return self.criu.get("frozen_time", 0) / 1e6
+
+
+@dataclass
+class RestoreStats:
+    seconds: float
+    container_id: str
+    criu: dict[str, int] = field(default_factory=dict)
+
+
+class Runtime(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def version(self) -> str: ...
+
+    @abc.abstractmethod
+    async def list(self, all: bool = False) -> list[ContainerInfo]: ...
+
+    @abc.abstractmethod
+    async def inspect(self, name: str) -> ContainerInfo:
+        """Raises NotFound for an unknown container."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, name: str, archive: str, leave_running: bool) -> DumpStats:
+        """Dump the container with CRIU into a self-contained archive (memory, files, config)."""
+
+    @abc.abstractmethod
+    async def restore(self, archive: str, name: str) -> RestoreStats: ...
+
+    @abc.abstractmethod
+    async def resume(self, name: str) -> None:
+        """Restore a container from the checkpoint its own last dump left on this host."""
+
+    @abc.abstractmethod
+    async def remove(self, name: str, force: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def image_exists(self, image_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def image_save(self, image: str, image_id: str, archive: str) -> None: ...
+
+    @abc.abstractmethod
+    async def image_load(self, archive: str) -> None: ...

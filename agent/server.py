@@ -1,0 +1,131 @@
+"""The agent's gRPC face: a thin servicer over AgentService, plus registration with the controller."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import structlog
+
+from stasis.agent.service import AgentService
+from stasis.errors import from_rpc_error, rpc_errors
+from stasis.proto import convert
+from stasis.proto.v1 import stasis_pb2 as pb
+from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("stasis.agent")
+_DONE = object()
+
+
+async def _stream(work, queue: asyncio.Queue):
+    """Run `work` while yielding the progress it puts on `queue`; the last item is its result."""
+    task = asyncio.ensure_future(work)
+    # If the caller goes away the work goes on; a retry with the same operation id finds it.
+    task.add_done_callback(lambda _t: queue.put_nowait(_DONE))
+    while True:
+        item = await queue.get()
+        if item is _DONE:
+            break
+        yield item
+    yield task.result()
+
+
+def _emitter(queue: asyncio.Queue):
+    loop = asyncio.get_running_loop()
+    last: dict[str, int] = {}
+
+    def emit(phase: str, message: str, done: int, total: int) -> None:
+        # Called from worker threads too; send at most one event per 1% of progress.
+        step = max(total // 100, 1)
+        if not message and done // step == last.get(phase, -1) and done != total:
+            return
+        last[phase] = done // step
+        event = pb.AgentEvent(progress=pb.Progress(phase=phase, message=message, bytes_done=done,
+                                                   bytes_total=total))
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+    return emit
+
+
+@rpc_errors
+class AgentServicer(pb_grpc.AgentServicer):
+    def __init__(self, service: AgentService):
+        self.service = service
+
+    async def GetHostInfo(self, request, context):
+        return convert.host_info_pb(await self.service.host_info())
+
+    async def ListContainers(self, request, context):
+        items = await self.service.list(request.all)
+        return pb.ListContainersResponse(containers=[convert.container_pb(c, self.service.host_name)
+                                                     for c in items])
+
+    async def InspectContainer(self, request, context):
+        return convert.container_pb(await self.service.inspect(request.name), self.service.host_name)
+
+    async def Checkpoint(self, request, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        work = self.service.checkpoint(request.operation_id, request.container, request.leave_running,
+                                       request.repository, request.checkpoint_id, _emitter(queue))
+        async for item in _stream(work, queue):
+            yield item if isinstance(item, pb.AgentEvent) else pb.AgentEvent(
+                checkpoint=convert.checkpoint_pb(item))
+
+    async def Restore(self, request, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        work = self.service.restore(request.operation_id, request.checkpoint_id, request.repository,
+                                    request.name, _emitter(queue))
+        async for item in _stream(work, queue):
+            yield item if isinstance(item, pb.AgentEvent) else pb.AgentEvent(restored=pb.RestoreResult(
+                container=convert.container_pb(item.container, self.service.host_name),
+                timings=convert.timings_pb(item.timings)))
+
+    async def Resume(self, request, context):
+        return convert.container_pb(await self.service.resume(request.name), self.service.host_name)
+
+    async def RemoveContainer(self, request, context):
+        await self.service.remove(request.name, request.force)
+        return pb.RemoveContainerResponse()
+
+
+async def _register_loop(service: AgentService, controller: str, advertise: str) -> None:
+    """Register with the controller, then heartbeat; re-register whenever it forgets us."""
+    registered = False
+    delay = 1.0
+    async with grpc.aio.insecure_channel(controller) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        while True:
+            try:
+                if not registered:
+                    info = convert.host_info_pb(await service.host_info())
+                    reply = await stub.RegisterAgent(pb.RegisterAgentRequest(
+                        name=service.host_name, address=advertise, info=info), timeout=10)
+                    registered, delay = True, max(reply.heartbeat_seconds, 0.5)
+                    log.info("registered with controller", controller=controller, host=service.host_name)
+                else:
+                    reply = await stub.Heartbeat(pb.HeartbeatRequest(name=service.host_name), timeout=5)
+                    registered = reply.known
+                await asyncio.sleep(delay)
+            except grpc.RpcError as err:
+                log.warning("controller unreachable; retrying", error=str(from_rpc_error(err, controller)))
+                registered = False
+                await asyncio.sleep(min(delay * 2, 5.0))
+
+
+async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_AgentServicer_to_server(AgentServicer(service), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        from stasis.errors import FailedPrecondition
+        raise FailedPrecondition(f"cannot listen on {listen}: address in use or invalid")
+    await server.start()
+    address = advertise or listen
+    log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid())
+    tasks = [asyncio.ensure_future(_register_loop(service, controller, address))] if controller else []
+    try:
+        await server.wait_for_termination()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await server.stop(grace=2)

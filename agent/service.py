@@ -1,0 +1,231 @@
+"""The agent's work: checkpoint a container into the repository, restore one out of it.
+
+Plain asyncio code over the Runtime and Repository seams; the gRPC servicer only translates.
+Repeating an operation id attaches to the same work instead of doing it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import structlog
+
+from stasis.agent import failpoints
+from stasis.agent.podman import check_name
+from stasis.agent.probe import criu_version, probe
+from stasis.agent.runtime import ContainerInfo, Runtime
+from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeFailure, StasisError
+from stasis.storage.manifest import Artifact, ContainerRef, Manifest
+from stasis.storage.repository import Repository, new_checkpoint_id, now_rfc3339
+
+log = structlog.get_logger("stasis.agent")
+
+#: emit(phase, message, bytes_done, bytes_total)
+Emit = Callable[[str, str, int, int], None]
+
+
+@dataclass
+class RestoreOutcome:
+    container: ContainerInfo
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class AgentService:
+    def __init__(self, host_name: str, runtime: Runtime, work_dir: str):
+        self.host_name = host_name
+        self.runtime = runtime
+        self.work_dir = work_dir
+        os.makedirs(os.path.join(work_dir, "stage"), mode=0o700, exist_ok=True)
+        self._ops: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
+        self._criu_version = ""
+
+    # ------------------------------------------------------------------ queries
+
+    async def host_info(self) -> dict:
+        info = await probe(self.host_name, self.runtime, self.work_dir)
+        self._criu_version = info["criu_version"]
+        return info
+
+    async def list(self, all: bool) -> list[ContainerInfo]:
+        return await self.runtime.list(all)
+
+    async def inspect(self, name: str) -> ContainerInfo:
+        return await self.runtime.inspect(name)
+
+    async def remove(self, name: str, force: bool) -> None:
+        await self.runtime.remove(name, force)
+
+    async def resume(self, name: str) -> ContainerInfo:
+        info = await self.runtime.inspect(name)
+        if info.state != "running":
+            await self.runtime.resume(name)
+            info = await self.runtime.inspect(name)
+        return info
+
+    # ------------------------------------------------------------------ idempotency
+
+    async def _once(self, op_id: str, work: Callable[[], Awaitable]):
+        """Run `work` once per operation id; a repeated id waits for (or replays) the first."""
+        if not op_id:
+            return await work()
+        task = self._ops.get(op_id)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._ops[op_id] = task
+            while len(self._ops) > 512:
+                self._ops.popitem(last=False)
+        return await asyncio.shield(task)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    async def checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
+                         checkpoint_id: str, emit: Emit) -> Manifest:
+        return await self._once(op_id, lambda: self._checkpoint(
+            op_id, container, leave_running, repo_url, checkpoint_id or new_checkpoint_id(), emit))
+
+    async def _checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
+                          ckpt_id: str, emit: Emit) -> Manifest:
+        info = await self.runtime.inspect(container)
+        if info.state != "running":
+            raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
+                                     f"only a running container can be checkpointed")
+        repo = await asyncio.to_thread(Repository.open, repo_url)
+        criu = self._criu_version or await criu_version()
+        stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
+        timings: dict[str, float] = {}
+        dumped = False
+        try:
+            # The image is immutable: ship it while CRIU dumps, so it adds nothing to downtime.
+            image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings))
+            emit("dump", f"dumping {info.name} with CRIU", 0, 0)
+            archive = os.path.join(stage, "checkpoint.tar")
+            stats = await self.runtime.checkpoint(info.name, archive, leave_running)
+            dumped = True
+            timings["dump"] = stats.seconds
+            timings["frozen"] = stats.frozen_seconds
+            failpoints.hit("checkpoint.after_dump")
+
+            size = os.path.getsize(archive)
+            emit("upload", f"uploading {size} bytes to {repo.url}", 0, size)
+            started = time.monotonic()
+            artifact = await asyncio.to_thread(
+                repo.store_file, archive, lambda d, t: emit("upload", "", d, t))
+            timings["upload"] = time.monotonic() - started
+            image = await image_task
+            manifest = Manifest(
+                id=ckpt_id, created=now_rfc3339(), host=self.host_name, runtime=self.runtime.name,
+                runtime_version=await self.runtime.version(), criu_version=criu, operation_id=op_id,
+                container=ContainerRef(info.id, info.name, info.image, info.image_id, info.labels),
+                leave_running=leave_running, checkpoint=artifact, image=image, timings=timings,
+                criu_stats=stats.criu)
+            await asyncio.to_thread(repo.write_manifest, manifest)
+            log.info("checkpoint stored", checkpoint=ckpt_id, container=info.name, bytes=size,
+                     **{f"{k}_s": round(v, 3) for k, v in timings.items()})
+            return manifest
+        except BaseException as exc:
+            if dumped and not leave_running:
+                # No checkpoint was committed: give the user their container back.
+                await self._resume_after_failure(info.name, exc)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    async def _resume_after_failure(self, name: str, exc: BaseException) -> None:
+        try:
+            await self.resume(name)
+            log.warning("checkpoint failed after the dump; container resumed", container=name)
+            if isinstance(exc, StasisError):
+                exc.message += f" (container {name} was resumed on {self.host_name})"
+        except Exception as err:  # noqa: BLE001 - report both failures, keep the first
+            log.error("could not resume container after a failed checkpoint", container=name, error=str(err))
+
+    async def _ship_image(self, repo: Repository, info: ContainerInfo, stage: str,
+                          timings: dict[str, float]) -> Artifact:
+        existing = await asyncio.to_thread(repo.image_artifact, info.image_id)
+        if existing is not None:
+            return existing
+        started = time.monotonic()
+        path = os.path.join(stage, "image.tar")
+        await self.runtime.image_save(info.image, info.image_id, path)
+        artifact = await asyncio.to_thread(repo.store_file, path)
+        await asyncio.to_thread(repo.remember_image, info.image_id, artifact)
+        timings["image_save"] = time.monotonic() - started
+        return artifact
+
+    # ------------------------------------------------------------------ restore
+
+    async def restore(self, op_id: str, checkpoint_id: str, repo_url: str, name: str,
+                      emit: Emit) -> RestoreOutcome:
+        return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit))
+
+    async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit) -> RestoreOutcome:
+        repo = await asyncio.to_thread(Repository.open, repo_url)
+        manifest = await asyncio.to_thread(repo.read_manifest, checkpoint_id)
+        if manifest.runtime != self.runtime.name:
+            raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
+                                     f"this host runs {self.runtime.name}")
+        name = check_name(name or manifest.container.name)
+        try:
+            await self.runtime.inspect(name)
+            raise AlreadyExists(f"a container named {name!r} already exists on {self.host_name}; "
+                                f"restore under another name with --name")
+        except NotFound:
+            pass
+        need_image = not await self.runtime.image_exists(manifest.container.image_id)
+        if need_image and manifest.image is None:
+            raise FailedPrecondition(f"image {manifest.container.image} is not on {self.host_name} "
+                                     f"and checkpoint {manifest.id} does not ship it")
+        needed = manifest.checkpoint.size + (manifest.image.size if need_image and manifest.image else 0)
+        free = shutil.disk_usage(self.work_dir).free
+        if free < needed * 1.1:
+            raise FailedPrecondition(f"not enough space in {self.work_dir} on {self.host_name}: "
+                                     f"{needed} bytes needed, {free} free")
+
+        stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
+        timings: dict[str, float] = {}
+        try:
+            image_task = None
+            if need_image:
+                image_task = asyncio.ensure_future(self._load_image(repo, manifest, stage, timings))
+            archive = os.path.join(stage, "checkpoint.tar")
+            emit("download", f"downloading {manifest.checkpoint.size} bytes", 0, manifest.checkpoint.size)
+            started = time.monotonic()
+            # Every chunk is hashed before it is written: nothing unverified reaches CRIU or tar.
+            await asyncio.to_thread(repo.fetch_file, manifest.checkpoint, archive,
+                                    lambda d, t: emit("download", "", d, t), f"checkpoint {manifest.id}")
+            timings["download"] = time.monotonic() - started
+            if image_task is not None:
+                await image_task
+            failpoints.hit("restore.before_runtime")
+            emit("restore", f"restoring {name} with CRIU", 0, 0)
+            stats = await self.runtime.restore(archive, name)
+            timings["restore"] = stats.seconds
+            if "restore_time" in stats.criu:
+                timings["criu_restore"] = stats.criu["restore_time"] / 1e6
+            info = await self.runtime.inspect(name)
+            if info.state != "running":
+                raise RuntimeFailure(f"restored container {name} is {info.state}, not running")
+            log.info("checkpoint restored", checkpoint=manifest.id, container=name,
+                     **{f"{k}_s": round(v, 3) for k, v in timings.items()})
+            return RestoreOutcome(info, timings)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    async def _load_image(self, repo: Repository, manifest: Manifest, stage: str,
+                          timings: dict[str, float]) -> None:
+        assert manifest.image is not None
+        started = time.monotonic()
+        path = os.path.join(stage, "image.tar")
+        await asyncio.to_thread(repo.fetch_file, manifest.image, path, None, f"image of checkpoint {manifest.id}")
+        await self.runtime.image_load(path)
+        if not await self.runtime.image_exists(manifest.container.image_id):
+            raise RuntimeFailure(f"image {manifest.container.image} loaded but id "
+                                 f"{manifest.container.image_id[:12]} is absent")
+        timings["image_load"] = time.monotonic() - started

@@ -1,0 +1,79 @@
+"""The controller's client for agents: one channel per host, errors turned back into StasisErrors."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import grpc
+
+from stasis.errors import from_rpc_error
+from stasis.proto.v1 import stasis_pb2 as pb
+from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
+
+QUICK = 15.0          # seconds for queries
+LONG = 3600.0         # seconds for a checkpoint or restore of many GiB
+
+
+class AgentClient:
+    def __init__(self, name: str, address: str):
+        self.name = name
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = pb_grpc.AgentStub(self.channel)
+
+    @property
+    def peer(self) -> str:
+        return f"agent {self.name} at {self.address}"
+
+    async def _call(self, method, request, timeout: float = QUICK):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.peer) from None
+
+    async def _stream(self, method, request, on_progress: Callable[[pb.Progress], None]) -> pb.AgentEvent:
+        final = None
+        try:
+            async for event in method(request, timeout=LONG):
+                if event.HasField("progress"):
+                    on_progress(event.progress)
+                else:
+                    final = event
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.peer) from None
+        if final is None:
+            from stasis.errors import Unavailable
+            raise Unavailable(f"{self.peer} closed the stream without a result")
+        return final
+
+    async def host_info(self) -> pb.HostInfo:
+        return await self._call(self.stub.GetHostInfo, pb.GetHostInfoRequest())
+
+    async def containers(self, all: bool = False) -> list[pb.Container]:
+        return list((await self._call(self.stub.ListContainers, pb.ListContainersRequest(all=all))).containers)
+
+    async def inspect(self, name: str) -> pb.Container:
+        return await self._call(self.stub.InspectContainer, pb.InspectContainerRequest(name=name))
+
+    async def checkpoint(self, op_id: str, container: str, leave_running: bool, repository: str,
+                         on_progress) -> pb.CheckpointSummary:
+        req = pb.AgentCheckpointRequest(operation_id=op_id, container=container,
+                                        leave_running=leave_running, repository=repository)
+        return (await self._stream(self.stub.Checkpoint, req, on_progress)).checkpoint
+
+    async def restore(self, op_id: str, checkpoint_id: str, repository: str, name: str,
+                      on_progress) -> pb.RestoreResult:
+        req = pb.AgentRestoreRequest(operation_id=op_id, checkpoint_id=checkpoint_id,
+                                     repository=repository, name=name)
+        return (await self._stream(self.stub.Restore, req, on_progress)).restored
+
+    async def resume(self, name: str) -> pb.Container:
+        return await self._call(self.stub.Resume, pb.ResumeRequest(name=name), timeout=LONG)
+
+    async def remove(self, name: str, force: bool = True) -> None:
+        await self._call(self.stub.RemoveContainer, pb.RemoveContainerRequest(name=name, force=force))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+

@@ -1,0 +1,428 @@
+"""The `stasis` command line.
+
+Client commands talk to the controller (--controller or STASIS_CONTROLLER); `repo` commands work on
+a repository directly, with no controller. Every command takes --json and then prints exactly one
+JSON document on stdout. Errors are one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import json_format
+
+from stasis import __version__
+from stasis.errors import InvalidArgument, StasisError, from_rpc_error
+from stasis.proto.v1 import stasis_pb2 as pb
+from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
+
+DEFAULT_CONTROLLER = "127.0.0.1:7070"
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+class Client:
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.ControllerStub(self.channel)
+
+    def call(self, method: str, request, timeout: float = 30.0):
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, f"controller at {self.address}") from None
+
+    def stream(self, method: str, request, on_event: Callable[[pb.JobEvent], None]) -> pb.Job:
+        job = None
+        try:
+            for event in getattr(self.stub, method)(request):
+                job = event.job
+                on_event(event)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, f"controller at {self.address}") from None
+        if job is None:
+            raise StasisError("the controller ended the job stream without a result")
+        return job
+
+
+def to_dict(message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def emit_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def table(rows: list[list[str]], headers: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, show_edge=False)
+    for h in headers:
+        t.add_column(h, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    Console(width=200 if not sys.stdout.isatty() else None).print(t)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    host, sep, name = target.partition("/")
+    if not sep or not host or not name:
+        raise InvalidArgument(f"{target!r} is not HOST/CONTAINER (for example host-a/web)")
+    return host, name
+
+
+# ---------------------------------------------------------------------------- job commands
+
+class Progress:
+    """Phase changes and byte progress of a job, on stderr (stdout stays for the result)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.phase = ""
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, event: pb.JobEvent) -> None:
+        if self.quiet:
+            return
+        p = event.progress
+        if event.job.phase and event.job.phase != self.phase:
+            self.phase = event.job.phase
+            self._line(f"[{event.job.id}] {self.phase}…")
+        if p.bytes_total and self.tty:
+            sys.stderr.write(f"\r  {p.phase}: {human_bytes(p.bytes_done)} / {human_bytes(p.bytes_total)}"
+                             f" ({100 * p.bytes_done // max(p.bytes_total, 1)}%)   ")
+            sys.stderr.flush()
+
+    def _line(self, text: str) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+def job_doc(job: pb.Job) -> dict[str, Any]:
+    doc = to_dict(job)
+    doc["timings"] = {t.name: t.seconds for t in job.timings}
+    return doc
+
+
+def finish_job(args, job: pb.Job, success: Callable[[pb.Job], None]) -> int:
+    if args.json:
+        emit_json(job_doc(job))
+    elif job.state == "succeeded":
+        success(job)
+    if job.state != "succeeded":
+        print(f"stasis: error: {job.kind} job {job.id} {job.state.replace('_', ' ')}: {job.error}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def phases_line(job: pb.Job) -> str:
+    top = [t for t in job.timings if "." not in t.name]
+    return ", ".join(f"{t.name} {t.seconds:.2f}s" for t in top)
+
+
+def cmd_checkpoint(args, client: Client) -> int:
+    host, name = split_target(args.target)
+    job = client.stream("Checkpoint", pb.CheckpointRequest(
+        request_id=args.request_id or "", host=host, container=name, leave_running=args.leave_running),
+        Progress(args.json))
+
+    def ok(j: pb.Job) -> None:
+        print(j.result["checkpoint_id"])
+        print(f"checkpointed {args.target} ({human_bytes(int(j.result.get('size_bytes', 0)))}; "
+              f"{phases_line(j)})", file=sys.stderr)
+    return finish_job(args, job, ok)
+
+
+def cmd_restore(args, client: Client) -> int:
+    job = client.stream("Restore", pb.RestoreRequest(
+        request_id=args.request_id or "", checkpoint_id=args.checkpoint, host=args.to, name=args.name or ""),
+        Progress(args.json))
+
+    def ok(j: pb.Job) -> None:
+        print(f"restored checkpoint {j.result['checkpoint_id']} as {j.result['host']}/{j.result['container']} "
+              f"({phases_line(j)})")
+    return finish_job(args, job, ok)
+
+
+def cmd_migrate(args, client: Client) -> int:
+    host, name = split_target(args.target)
+    job = client.stream("Migrate", pb.MigrateRequest(
+        request_id=args.request_id or "", host=host, container=name, to=args.to), Progress(args.json))
+
+    def ok(j: pb.Job) -> None:
+        print(f"migrated {name} from {host} to {args.to} (job {j.id}, checkpoint {j.result['checkpoint_id']})")
+        print(f"downtime {j.downtime_seconds:.2f} s; {phases_line(j)}")
+        if not j.result.get("cleanup", "done").startswith("done"):
+            print(f"warning: source clean-up {j.result['cleanup']}", file=sys.stderr)
+    return finish_job(args, job, ok)
+
+
+def cmd_job(args, client: Client) -> int:
+    if args.watch:
+        job = client.stream("WatchJob", pb.GetJobRequest(id=args.id), Progress(args.json))
+    else:
+        job = client.call("GetJob", pb.GetJobRequest(id=args.id))
+    if args.json:
+        emit_json(job_doc(job))
+        return 0 if job.state in ("succeeded", "running") else EXIT_FAILED
+    print(f"job {job.id}: {job.kind} {job.state} (phase {job.phase})")
+    for k, v in sorted(job.params.items()):
+        print(f"  {k}: {v}")
+    for k, v in sorted(job.result.items()):
+        print(f"  result.{k}: {v}")
+    if job.downtime_seconds:
+        print(f"  downtime: {job.downtime_seconds:.3f} s")
+    for t in job.timings:
+        print(f"  {t.name}: {t.seconds:.3f} s")
+    if job.error:
+        print(f"  error: {job.error}")
+    return 0 if job.state in ("succeeded", "running") else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------- queries
+
+def cmd_hosts(args, client: Client) -> int:
+    hosts = client.call("ListHosts", pb.ListHostsRequest()).hosts
+    if args.json:
+        emit_json([to_dict(h) for h in hosts])
+        return 0
+    table([[h.name, h.state, h.address, f"{h.info.runtime} {h.info.runtime_version}",
+            h.info.criu_version, h.info.kernel, h.last_seen] for h in hosts],
+          ["HOST", "STATE", "ADDRESS", "RUNTIME", "CRIU", "KERNEL", "LAST SEEN"])
+    return 0
+
+
+def cmd_ps(args, client: Client) -> int:
+    request = pb.ControllerListContainersRequest(host=args.host or "", all=args.all)
+    items = client.call("ListContainers", request).containers
+    if args.json:
+        emit_json([to_dict(c) for c in items])
+        return 0
+    table([[c.host, c.name, c.id[:12], c.image, c.state, c.created] for c in items],
+          ["HOST", "NAME", "ID", "IMAGE", "STATE", "CREATED"])
+    return 0
+
+
+def cmd_checkpoints(args, client: Client) -> int:
+    if args.id:
+        c = client.call("GetCheckpoint", pb.GetCheckpointRequest(id=args.id))
+        if args.json:
+            emit_json(checkpoint_doc(c))
+        else:
+            for k, v in checkpoint_doc(c).items():
+                print(f"{k}: {v}")
+        return 0
+    items = client.call("ListCheckpoints", pb.ListCheckpointsRequest(container=args.container or "",
+                                                                     host=args.host or "")).checkpoints
+    if args.json:
+        emit_json([checkpoint_doc(c) for c in items])
+        return 0
+    table([[c.id, c.created, c.host, c.container_name, human_bytes(c.size_bytes),
+            "yes" if c.leave_running else "no", f"{_timing(c, 'frozen'):.2f}s"] for c in items],
+          ["ID", "CREATED", "HOST", "CONTAINER", "SIZE", "LEFT RUNNING", "FROZEN"])
+    return 0
+
+
+def _timing(c: pb.CheckpointSummary, name: str) -> float:
+    return next((t.seconds for t in c.timings if t.name == name), 0.0)
+
+
+def checkpoint_doc(c: pb.CheckpointSummary) -> dict[str, Any]:
+    doc = to_dict(c)
+    doc["timings"] = {t.name: t.seconds for t in c.timings}
+    return doc
+
+
+# ---------------------------------------------------------------------------- repository, no controller
+
+def cmd_repo(args) -> int:
+    from stasis.proto.convert import checkpoint_pb
+    from stasis.storage.repository import Repository
+
+    if args.repo_command == "init":
+        repo = Repository.init(args.url)
+        if args.json:
+            emit_json({"url": repo.url, "chunk_size": repo.chunk_size})
+        else:
+            print(f"repository ready at {repo.url}")
+        return 0
+    repo = Repository.open(args.url)
+    items = sorted((checkpoint_pb(m) for m in repo.manifests()), key=lambda c: c.created)
+    if args.json:
+        emit_json([checkpoint_doc(c) for c in items])
+    else:
+        table([[c.id, c.created, c.host, c.container_name, human_bytes(c.size_bytes)] for c in items],
+              ["ID", "CREATED", "HOST", "CONTAINER", "SIZE"])
+    return 0
+
+
+# ---------------------------------------------------------------------------- daemons
+
+def cmd_controller_serve(args) -> int:
+    from stasis import logs
+    from stasis.controller.server import serve
+    from stasis.controller.service import ControllerService
+    from stasis.controller.store import Store
+    from stasis.storage.repository import Repository
+
+    logs.configure()
+    repo = Repository.init(args.repo)
+    service = ControllerService(Store(args.state), repo, heartbeat_seconds=args.heartbeat)
+    return _run_daemon(serve(service, args.listen))
+
+
+def cmd_agent_serve(args) -> int:
+    from stasis import logs
+    from stasis.agent.podman import PodmanRuntime
+    from stasis.agent.server import serve
+    from stasis.agent.service import AgentService
+
+    logs.configure()
+    if os.geteuid() != 0:
+        raise StasisError("the agent must run as root: CRIU needs it to dump and restore processes")
+    if args.runtime != "podman":
+        raise InvalidArgument(f"runtime {args.runtime!r} is not supported yet; use podman")
+    work_dir = args.work_dir or f"/var/lib/stasis/agent/{args.host_name}"
+    service = AgentService(args.host_name, PodmanRuntime(), work_dir)
+    return _run_daemon(serve(service, args.listen, args.controller, args.advertise))
+
+
+def _run_daemon(coro) -> int:
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    # Subcommands repeat the global options with suppressed defaults, so `stasis --json ps` and
+    # `stasis ps --json` both work and neither resets the other.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                   help="print one JSON document on stdout")
+    p.add_argument("--controller",
+                   default=os.environ.get("STASIS_CONTROLLER", DEFAULT_CONTROLLER) if defaults else argparse.SUPPRESS,
+                   help=f"controller address (default: $STASIS_CONTROLLER or {DEFAULT_CONTROLLER})")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(defaults=False)
+    parser = argparse.ArgumentParser(
+        prog="stasis", parents=[_common(defaults=True)],
+        description="Checkpoint running containers (CRIU via podman) and restore them on any host.",
+        epilog="examples:\n  stasis hosts\n  stasis checkpoint host-a/web --leave-running\n"
+               "  stasis restore 3f2a --to host-b --name web2\n  stasis migrate host-a/web --to host-b",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"stasis {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, fn, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common], **kw)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("controller", "run the controller daemon", None)
+    csub = p.add_subparsers(dest="sub", required=True, metavar="serve")
+    s = csub.add_parser("serve", help="serve the controller API", parents=[common])
+    s.add_argument("--listen", default=DEFAULT_CONTROLLER, help="address to listen on (default %(default)s)")
+    s.add_argument("--state", default="/var/lib/stasis/controller.db", help="SQLite state file")
+    s.add_argument("--repo", default="file:///var/lib/stasis/repo",
+                   help="checkpoint repository: file:///path or s3://bucket/prefix (AWS_* variables "
+                        "give credentials and AWS_ENDPOINT_URL the server)")
+    s.add_argument("--heartbeat", type=float, default=2.0, help="seconds between agent heartbeats")
+    s.set_defaults(fn=cmd_controller_serve, daemon=True)
+
+    p = add("agent", "run the agent daemon on this host", None)
+    asub = p.add_subparsers(dest="sub", required=True, metavar="serve")
+    s = asub.add_parser("serve", help="serve the agent API and register with the controller", parents=[common])
+    s.add_argument("--listen", default="127.0.0.1:7071", help="address to listen on (default %(default)s)")
+    s.add_argument("--host-name", required=True, help="this host's name in stasis (e.g. host-a)")
+    s.add_argument("--advertise", help="address the controller should dial (default: --listen)")
+    s.add_argument("--work-dir", help="where checkpoints are staged (default /var/lib/stasis/agent/HOST)")
+    s.add_argument("--runtime", default="podman", choices=["podman"], help="container engine")
+    s.set_defaults(fn=cmd_agent_serve, daemon=True)
+
+    add("hosts", "list hosts and their state, runtime and CRIU", cmd_hosts)
+    p = add("ps", "list containers on every host (or one)", cmd_ps)
+    p.add_argument("--host", help="only this host")
+    p.add_argument("-a", "--all", action="store_true", help="include stopped containers")
+
+    p = add("checkpoint", "checkpoint a container into the repository; prints the checkpoint id", cmd_checkpoint)
+    p.add_argument("target", metavar="HOST/CONTAINER")
+    p.add_argument("--leave-running", action="store_true",
+                   help="keep the container running after the dump (default: it stops)")
+    p.add_argument("--request-id", help="idempotency key: a retry with the same id attaches to the same job")
+
+    p = add("checkpoints", "list checkpoints (or show one)", cmd_checkpoints)
+    p.add_argument("id", nargs="?", help="show this checkpoint (a unique prefix is enough)")
+    p.add_argument("--container", help="only checkpoints of this container name")
+    p.add_argument("--host", help="only checkpoints taken on this host")
+
+    p = add("restore", "restore a checkpoint on a host", cmd_restore)
+    p.add_argument("checkpoint", metavar="CHECKPOINT_ID", help="checkpoint id or a unique prefix")
+    p.add_argument("--to", required=True, metavar="HOST", help="host to restore on")
+    p.add_argument("--name", help="name of the restored container (default: the checkpointed name)")
+    p.add_argument("--request-id", help="idempotency key")
+
+    p = add("migrate", "move a running container to another host, keeping its memory and files", cmd_migrate)
+    p.add_argument("target", metavar="HOST/CONTAINER")
+    p.add_argument("--to", required=True, metavar="HOST", help="destination host")
+    p.add_argument("--request-id", help="idempotency key")
+
+    p = add("job", "show a job (checkpoint, restore, migrate) with its phases and timings", cmd_job)
+    p.add_argument("id")
+    p.add_argument("--watch", action="store_true", help="follow the job until it ends")
+
+    p = add("repo", "work on a repository directly (no controller needed)", None)
+    rsub = p.add_subparsers(dest="repo_command", required=True, metavar="init|checkpoints")
+    r = rsub.add_parser("init", help="create a repository (S3: creates the bucket too)", parents=[common])
+    r.add_argument("url")
+    r.set_defaults(fn=cmd_repo, daemon=True)
+    r = rsub.add_parser("checkpoints", help="list the checkpoints a repository holds", parents=[common])
+    r.add_argument("url")
+    r.set_defaults(fn=cmd_repo, daemon=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "daemon", False):
+            return args.fn(args)
+        client = Client(args.controller)
+        return args.fn(args, client)
+    except StasisError as exc:
+        print(f"stasis: error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, InvalidArgument) else EXIT_FAILED
+    except KeyboardInterrupt:
+        print("stasis: interrupted; a job already started goes on: see 'stasis job ID --watch'", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The controller's gRPC face: a thin servicer over ControllerService."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import structlog
+
+from stasis.controller.service import ControllerService
+from stasis.errors import FailedPrecondition, rpc_errors
+from stasis.proto.v1 import stasis_pb2 as pb
+from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("stasis.controller")
+
+
+@rpc_errors
+class ControllerServicer(pb_grpc.ControllerServicer):
+    def __init__(self, service: ControllerService):
+        self.service = service
+
+    async def RegisterAgent(self, request, context):
+        self.service.register(request.name, request.address, request.info)
+        return pb.RegisterAgentResponse(repository=self.service.repository.url,
+                                        heartbeat_seconds=self.service.heartbeat_seconds)
+
+    async def Heartbeat(self, request, context):
+        return pb.HeartbeatResponse(known=self.service.heartbeat(request.name))
+
+    async def ListHosts(self, request, context):
+        return pb.ListHostsResponse(hosts=self.service.hosts())
+
+    async def ListContainers(self, request, context):
+        return pb.ListContainersResponse(containers=await self.service.containers(request.host, request.all))
+
+    async def Checkpoint(self, request, context):
+        job = self.service.start_checkpoint(request.request_id, request.host, request.container,
+                                            request.leave_running)
+        async for event in self.service.jobs.watch(job):
+            yield event
+
+    async def Restore(self, request, context):
+        job = self.service.start_restore(request.request_id, request.checkpoint_id, request.host, request.name)
+        async for event in self.service.jobs.watch(job):
+            yield event
+
+    async def Migrate(self, request, context):
+        job = self.service.start_migrate(request.request_id, request.host, request.container, request.to)
+        async for event in self.service.jobs.watch(job):
+            yield event
+
+    async def ListCheckpoints(self, request, context):
+        return pb.ListCheckpointsResponse(checkpoints=self.service.checkpoints(request.container, request.host))
+
+    async def GetCheckpoint(self, request, context):
+        return await self.service.checkpoint(request.id)
+
+    async def GetJob(self, request, context):
+        return self.service.jobs.require(request.id).to_pb()
+
+    async def ListJobs(self, request, context):
+        jobs = (self.service.jobs.get(r.id) for r in self.service.store.jobs(request.limit or 50))
+        return pb.ListJobsResponse(jobs=[j.to_pb() for j in jobs if j is not None])
+
+    async def WatchJob(self, request, context):
+        async for event in self.service.jobs.watch(self.service.jobs.require(request.id)):
+            yield event
+
+
+async def serve(service: ControllerService, listen: str) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(service), server)
+    if server.add_insecure_port(listen) == 0:
+        raise FailedPrecondition(f"cannot listen on {listen}: address in use or invalid")
+    await server.start()
+    added = await service.sync_catalog()
+    log.info("controller listening", address=listen, repository=service.repository.url,
+             catalog_imported=added, pid=os.getpid())
+    try:
+        await server.wait_for_termination()
+    finally:
+        await service.close()
+        await server.stop(grace=2)
+        await asyncio.sleep(0)

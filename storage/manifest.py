@@ -1,0 +1,157 @@
+"""Checkpoint manifests: what a checkpoint is made of, parsed strictly.
+
+A manifest is read back from storage, so it is untrusted: every field is type-checked and every
+object it names is a well-formed sha256 before anything uses it. See docs/repository-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from stasis.errors import IntegrityError
+
+FORMAT = "stasis-checkpoint"
+VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHECKPOINT_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file (the runtime's checkpoint archive, an image archive) stored as ordered chunks."""
+
+    size: int
+    chunks: tuple[Chunk, ...]
+    media_type: str = "application/x-tar"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "media_type": self.media_type,
+                "chunks": [[c.sha256, c.size] for c in self.chunks]}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "Artifact":
+        _expect(isinstance(data, dict), where, "must be an object")
+        size = _int(data.get("size"), f"{where}.size")
+        media = data.get("media_type", "application/x-tar")
+        _expect(isinstance(media, str), f"{where}.media_type", "must be a string")
+        raw = data.get("chunks")
+        _expect(isinstance(raw, list), f"{where}.chunks", "must be a list")
+        chunks = []
+        for i, item in enumerate(raw):
+            _expect(isinstance(item, list) and len(item) == 2, f"{where}.chunks[{i}]", "must be [sha256, size]")
+            digest, csize = item
+            _expect(isinstance(digest, str) and bool(_SHA256.match(digest)), f"{where}.chunks[{i}]",
+                    "names no valid sha256")
+            chunks.append(Chunk(digest, _int(csize, f"{where}.chunks[{i}].size")))
+        _expect(sum(c.size for c in chunks) == size, f"{where}.size", "differs from the sum of its chunks")
+        return cls(size, tuple(chunks), media)
+
+
+@dataclass(frozen=True)
+class ContainerRef:
+    id: str
+    name: str
+    image: str
+    image_id: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    created: str
+    host: str
+    runtime: str
+    runtime_version: str
+    criu_version: str
+    container: ContainerRef
+    leave_running: bool
+    checkpoint: Artifact
+    image: Artifact | None
+    timings: dict[str, float]
+    criu_stats: dict[str, int]
+    operation_id: str = ""
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "format": FORMAT, "version": VERSION, "id": self.id, "created": self.created,
+            "host": self.host, "runtime": self.runtime, "runtime_version": self.runtime_version,
+            "criu_version": self.criu_version, "operation_id": self.operation_id,
+            "container": asdict(self.container), "leave_running": self.leave_running,
+            "artifacts": {"checkpoint": self.checkpoint.to_json(),
+                          "image": self.image.to_json() if self.image else None},
+            "timings": self.timings, "criu_stats": self.criu_stats,
+        }
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str = "manifest") -> "Manifest":
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise IntegrityError(f"{where} is not valid JSON: the repository is damaged") from None
+        _expect(isinstance(data, dict), where, "must be an object")
+        _expect(data.get("format") == FORMAT, f"{where}.format", f"is not {FORMAT!r}")
+        _expect(data.get("version") == VERSION, f"{where}.version",
+                f"is {data.get('version')!r}; this stasis reads version {VERSION}: upgrade stasis")
+        ident = _str(data.get("id"), f"{where}.id")
+        _expect(bool(CHECKPOINT_ID.match(ident)), f"{where}.id", "is malformed")
+        c = data.get("container")
+        _expect(isinstance(c, dict), f"{where}.container", "must be an object")
+        labels = c.get("labels") or {}
+        _expect(isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in labels.items()),
+                f"{where}.container.labels", "must map strings to strings")
+        container = ContainerRef(*(_str(c.get(k), f"{where}.container.{k}")
+                                   for k in ("id", "name", "image", "image_id")), labels=labels)
+        arts = data.get("artifacts")
+        _expect(isinstance(arts, dict), f"{where}.artifacts", "must be an object")
+        image = arts.get("image")
+        return cls(
+            id=ident, created=_str(data.get("created"), f"{where}.created"),
+            host=_str(data.get("host"), f"{where}.host"),
+            runtime=_str(data.get("runtime"), f"{where}.runtime"),
+            runtime_version=_str(data.get("runtime_version"), f"{where}.runtime_version"),
+            criu_version=_str(data.get("criu_version"), f"{where}.criu_version"),
+            operation_id=_str(data.get("operation_id", ""), f"{where}.operation_id"),
+            container=container, leave_running=bool(data.get("leave_running")),
+            checkpoint=Artifact.from_json(arts.get("checkpoint"), f"{where}.artifacts.checkpoint"),
+            image=None if image is None else Artifact.from_json(image, f"{where}.artifacts.image"),
+            timings=_numbers(data.get("timings", {}), f"{where}.timings", float),
+            criu_stats=_numbers(data.get("criu_stats", {}), f"{where}.criu_stats", int),
+        )
+
+
+def _expect(ok: bool, where: str, problem: str) -> None:
+    if not ok:
+        raise IntegrityError(f"{where} {problem}: the repository is damaged or was written by something else")
+
+
+def _str(value: Any, where: str) -> str:
+    _expect(isinstance(value, str) and len(value) < 4096, where, "must be a short string")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 0, where,
+            "must be a non-negative integer")
+    return value
+
+
+def _numbers(value: Any, where: str, kind: type) -> dict:
+    _expect(isinstance(value, dict), where, "must be an object")
+    out = {}
+    for k, v in value.items():
+        _expect(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool),
+                f"{where}.{k}", "must be a number")
+        out[k] = kind(v)
+    return out
