@@ -1,0 +1,193 @@
+"""Several stasis hosts on one machine: a controller plus agents, each agent in its own mount
+namespace with its own podman store (fresh folders bind-mounted over podman's and runc's state).
+
+Used by the end-to-end tests, the demo and the benchmarks. Everything started here is stopped by
+`stop()`, by process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from stasis.testbed.images import rootfs_tar
+from stasis.testbed.ports import free_port, wait_port
+
+# Where podman, conmon and runc keep per-host state; each host gets its own copy of each.
+HOST_STATE = {"/var/lib/containers": "lib", "/run/containers": "run", "/run/libpod": "libpod",
+              "/run/runc": "runc"}
+
+
+def stasis_argv() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "stasis")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "stasis.controller.cli"]
+
+
+class Host:
+    def __init__(self, name: str, root: str, port: int):
+        self.name = name
+        self.root = root
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def nsenter(self) -> list[str]:
+        assert self.proc is not None, f"host {self.name} is not running"
+        return ["nsenter", f"--mount=/proc/{self.proc.pid}/ns/mnt", "--"]
+
+    def podman(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run podman inside this host's mount namespace (its own container store)."""
+        return subprocess.run([*self.nsenter(), "podman", *args], capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def exec(self, container: str, *argv: str) -> str:
+        return self.podman("exec", container, *argv).stdout
+
+    def status(self, container: str) -> dict[str, str]:
+        """The memhold workload's status line as a dict."""
+        line = self.exec(container, "cat", "/tmp/status").strip()
+        return dict(item.split("=", 1) for item in line.split())
+
+    def verify_memory(self, container: str, timeout: float = 60) -> dict[str, str]:
+        """Ask memhold to re-check its whole memory; return the status after the check."""
+        before = int(self.status(container)["verifications"])
+        self.podman("kill", "--signal", "USR1", container)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(container)
+            if int(st["verifications"]) > before:
+                return st
+            time.sleep(0.1)
+        raise TimeoutError(f"memhold in {container} on {self.name} did not verify its memory")
+
+    def import_image(self, ref: str, with_workload: bool = True, label: str = "") -> str:
+        args = ["import", "--quiet"]
+        if label:
+            args += ["--change", f"LABEL stasis.test={label}"]
+        return self.podman(*args, rootfs_tar(with_workload), ref).stdout.strip()
+
+    def run_workload(self, name: str, mib: int, image: str = "localhost/stasis-memhold:1") -> None:
+        self.podman("run", "-d", "--network", "none", "--name", name, image, "/bin/memhold", str(mib))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if int(self.status(name)["counter"]) > 0:
+                    return
+            except (subprocess.CalledProcessError, KeyError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"workload {name} on {self.name} did not start")
+
+    def containers(self) -> list[dict]:
+        return json.loads(self.podman("ps", "-a", "--format", "json").stdout or "[]") or []
+
+
+class Cluster:
+    def __init__(self, base: str, repo_url: str, env: dict[str, str] | None = None, heartbeat: float = 1.0):
+        self.base = base
+        self.repo_url = repo_url
+        self.env = {**os.environ, **(env or {})}
+        self.heartbeat = heartbeat
+        self.controller: subprocess.Popen | None = None
+        self.controller_port = 0
+        self.hosts: dict[str, Host] = {}
+        os.makedirs(base, exist_ok=True)
+
+    @property
+    def controller_address(self) -> str:
+        return f"127.0.0.1:{self.controller_port}"
+
+    def _log(self, name: str):
+        return open(os.path.join(self.base, f"{name}.log"), "ab")
+
+    def start_controller(self) -> None:
+        self.controller_port = free_port()
+        argv = [*stasis_argv(), "controller", "serve", "--listen", self.controller_address,
+                "--state", os.path.join(self.base, "controller.db"), "--repo", self.repo_url,
+                "--heartbeat", str(self.heartbeat)]
+        self.controller = subprocess.Popen(argv, env=self.env, stdout=self._log("controller"),
+                                           stderr=subprocess.STDOUT)
+        if not wait_port(self.controller_port, 30, self.controller):
+            raise RuntimeError(f"controller did not start; see {self.base}/controller.log")
+
+    def stop_controller(self) -> None:
+        _stop(self.controller)
+        self.controller = None
+
+    def add_host(self, name: str, extra_env: dict[str, str] | None = None) -> Host:
+        root = os.path.join(self.base, "hosts", name)
+        host = self.hosts.get(name) or Host(name, root, free_port())
+        self.hosts[name] = host
+        self.start_agent(host, extra_env)
+        return host
+
+    def start_agent(self, host: Host, extra_env: dict[str, str] | None = None) -> None:
+        # unshare without --fork execs in place: the agent's pid is the namespace's first process.
+        mounts = []
+        for target, folder in HOST_STATE.items():
+            src = os.path.join(host.root, folder)
+            os.makedirs(src, exist_ok=True)
+            mounts.append(f"mkdir -p {target} && mount --bind {src} {target}")
+        script = " && ".join(mounts) + ' && exec "$@"'
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "stasis-host",
+                *stasis_argv(), "agent", "serve", "--listen", host.address, "--host-name", host.name,
+                "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work")]
+        host.proc = subprocess.Popen(argv, env={**self.env, **(extra_env or {})},
+                                     stdout=self._log(f"agent-{host.name}"), stderr=subprocess.STDOUT)
+        if not wait_port(host.port, 30, host.proc):
+            raise RuntimeError(f"agent {host.name} did not start; see {self.base}/agent-{host.name}.log")
+
+    def stop_agent(self, host: Host) -> None:
+        _stop(host.proc)
+
+    def wait_hosts_up(self, names: list[str], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.cli("hosts", "--json", check=False)
+            if out.returncode == 0:
+                up = {h["name"] for h in json.loads(out.stdout) if h["state"] == "up"}
+                if set(names) <= up:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"hosts {names} did not register with the controller")
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        result = subprocess.run([*stasis_argv(), "--controller", self.controller_address, *args],
+                                capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"stasis {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def cli_json(self, *args: str):
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def stop(self) -> None:
+        for host in self.hosts.values():
+            if host.proc is not None and host.proc.poll() is None:
+                # Containers (and their conmon) would keep the namespace alive: remove them first.
+                subprocess.run([*host.nsenter(), "podman", "rm", "--all", "--force", "--time", "0"],
+                               capture_output=True, timeout=120)
+            _stop(host.proc)
+            host.proc = None
+        self.stop_controller()
+        for host in self.hosts.values():
+            shutil.rmtree(host.root, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,80 @@
+/*
+ * memhold: a stateful test workload for stasis (built static, runs in a busybox image).
+ *
+ *   memhold MIB
+ *
+ * Holds MIB MiB filled with a pseudo-random pattern derived from a nonce drawn at start, and a
+ * counter that only lives in memory. It creates /data/new/log in a new directory and keeps it open,
+ * appending a line every tick, so a checkpoint must carry filesystem changes and an open file.
+ * Every 100 ms it writes /tmp/status:
+ *     nonce=<hex> counter=<n> mib=<m> verified=<ok|bad|never> verifications=<k>
+ * On SIGUSR1 it re-checks every word of its memory against the pattern and reports the result in
+ * the next status. A restored copy proves its memory is intact when the nonce is unchanged, the
+ * counter went on from where it was, and a verification says ok.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t verify_requested;
+
+static void on_usr1(int sig) { (void)sig; verify_requested = 1; }
+
+static uint64_t mix(uint64_t x) { /* splitmix64 */
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+int main(int argc, char **argv) {
+    size_t mib = argc > 1 ? strtoul(argv[1], NULL, 10) : 64;
+    size_t words = mib * 1024 * 1024 / sizeof(uint64_t);
+    uint64_t nonce = 0;
+    if (getrandom(&nonce, sizeof nonce, 0) != sizeof nonce)
+        nonce = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+
+    uint64_t *mem = malloc(words * sizeof(uint64_t));
+    if (!mem) { perror("malloc"); return 1; }
+    for (size_t i = 0; i < words; i++) mem[i] = mix(nonce + i);
+
+    mkdir("/data", 0755);
+    mkdir("/data/new", 0755);
+    FILE *log = fopen("/data/new/log", "a");
+    if (!log) { perror("/data/new/log"); return 1; }
+    setvbuf(log, NULL, _IOLBF, 0);
+
+    signal(SIGUSR1, on_usr1);
+    uint64_t counter = 0, verifications = 0;
+    const char *verified = "never";
+    printf("memhold: %zu MiB, nonce %016llx\n", mib, (unsigned long long)nonce);
+    fflush(stdout);
+    for (;;) {
+        if (verify_requested) {
+            verify_requested = 0;
+            verified = "ok";
+            for (size_t i = 0; i < words; i++)
+                if (mem[i] != mix(nonce + i)) { verified = "bad"; break; }
+            verifications++;
+        }
+        counter++;
+        fprintf(log, "%llu\n", (unsigned long long)counter);
+        FILE *st = fopen("/tmp/status.tmp", "w");
+        if (st) {
+            fprintf(st, "nonce=%016llx counter=%llu mib=%zu verified=%s verifications=%llu\n",
+                    (unsigned long long)nonce, (unsigned long long)counter, mib, verified,
+                    (unsigned long long)verifications);
+            fclose(st);
+            rename("/tmp/status.tmp", "/tmp/status");
+        }
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {}
+    }
+}
