@@ -57,7 +57,11 @@ class AgentService:
         return await self.runtime.list(all)
 
     async def inspect(self, name: str) -> ContainerInfo:
-        return await self.runtime.inspect(name)
+        try:
+            return await self.runtime.inspect(name)
+        except NotFound:
+            raise NotFound(f"no container {name!r} on {self.host_name}; "
+                           f"list them with 'stasis ps --host {self.host_name}'") from None
 
     async def remove(self, name: str, force: bool) -> None:
         await self.runtime.remove(name, force)
@@ -92,7 +96,7 @@ class AgentService:
 
     async def _checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
                           ckpt_id: str, emit: Emit) -> Manifest:
-        info = await self.runtime.inspect(container)
+        info = await self.inspect(container)
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")

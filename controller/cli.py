@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from stasis import __version__
 from stasis.errors import InvalidArgument, StasisError, from_rpc_error
@@ -52,8 +53,30 @@ class Client:
 
 
 def to_dict(message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    return _int64_as_numbers(message, doc)
+
+
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def _int64_as_numbers(message, doc: dict[str, Any]) -> dict[str, Any]:
+    # The proto3 JSON mapping writes 64-bit integers as strings; scripts want numbers (sizes, bytes).
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in doc:
+            continue
+        if field.type in _INT64 and not field.message_type:
+            value = doc[field.name]
+            doc[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type and not field.message_type.GetOptions().map_entry:
+            value = getattr(message, field.name)
+            if field.is_repeated:
+                doc[field.name] = [_int64_as_numbers(m, d) for m, d in zip(value, doc[field.name], strict=True)]
+            else:
+                doc[field.name] = _int64_as_numbers(value, doc[field.name])
+    return doc
 
 
 def emit_json(doc: Any) -> None:

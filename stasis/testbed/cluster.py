@@ -109,7 +109,8 @@ class Cluster:
         return open(os.path.join(self.base, f"{name}.log"), "ab")
 
     def start_controller(self) -> None:
-        self.controller_port = free_port()
+        # A restarted controller keeps its address, so running agents find it again.
+        self.controller_port = self.controller_port or free_port()
         argv = [*stasis_argv(), "controller", "serve", "--listen", self.controller_address,
                 "--state", os.path.join(self.base, "controller.db"), "--repo", self.repo_url,
                 "--heartbeat", str(self.heartbeat)]

@@ -1,0 +1,241 @@
+"""End to end on real podman, CRIU 4.1.1 and storage (a local folder and SeaweedFS S3): two hosts
+as mount namespaces, each with its own container store, driven through the `stasis` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+MIB = 32
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def one_error_line(stderr: str) -> str:
+    """Errors are exactly one line (progress lines before it are fine), never a traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("stasis: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def log_lines(host, container: str) -> int:
+    return len(host.exec(container, "cat", "/data/new/log").split())
+
+
+def test_checkpoint_then_restore_on_other_host_keeps_memory(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name("web")
+    a.run_workload(web, MIB)
+    before = a.status(web)
+    ckpt = cluster.cli("checkpoint", f"host-a/{web}").stdout.strip()
+    assert len(ckpt) == 16
+    # Without --leave-running the source stops at the dump.
+    assert a.podman("inspect", "--format", "{{.State.Status}}", web).stdout.strip() == "exited"
+
+    listed = cluster.cli_json("checkpoints", "--container", web)
+    assert [c["id"] for c in listed] == [ckpt]
+    assert listed[0]["size_bytes"] >= MIB * 1024 * 1024
+    assert listed[0]["timings"]["frozen"] > 0
+
+    restored = cluster.cli_json("restore", ckpt[:8], "--to", "host-b")
+    assert restored["state"] == "succeeded"
+    assert restored["result"]["container"] == web
+    after = b.verify_memory(web)
+    assert after["nonce"] == before["nonce"]              # the same memory, not a fresh start
+    assert int(after["counter"]) > int(before["counter"])  # the counter went on
+    assert after["verified"] == "ok"                        # every word of memory is intact
+
+
+def test_migrate_moves_memory_and_open_file_in_new_directory(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name("mig")
+    a.run_workload(web, MIB)
+    time.sleep(0.5)
+    before = a.status(web)
+    lines_before = log_lines(a, web)
+
+    job = cluster.cli_json("migrate", f"host-a/{web}", "--to", "host-b")
+    assert job["state"] == "succeeded", job["error"]
+    for phase in ("preflight", "checkpoint", "restore", "verify", "commit", "cleanup"):
+        assert phase in job["timings"], phase
+    assert 0 < job["downtime_seconds"] < job["timings"]["checkpoint"] + job["timings"]["restore"] + 1
+    assert job["result"]["host"] == "host-b"
+
+    # The source is gone, the destination runs with the same memory.
+    assert web not in [c["Names"][0] for c in a.containers()]
+    after = b.verify_memory(web)
+    assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
+    assert int(after["counter"]) >= int(before["counter"])
+    # The file created after start in a new directory travelled, and is still open and growing.
+    lines_after = log_lines(b, web)
+    assert lines_after >= lines_before
+    time.sleep(0.5)
+    assert log_lines(b, web) > lines_after
+
+    # The migration is a job with a durable record.
+    shown = cluster.cli_json("job", job["id"])
+    assert shown["state"] == "succeeded" and shown["downtime_seconds"] == job["downtime_seconds"]
+
+
+def test_restore_ships_image_missing_on_destination(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    tag = f"localhost/stasis-fresh:{uuid.uuid4().hex[:8]}"
+    image_id = a.import_image(tag, label=uuid.uuid4().hex)   # a distinct image id, only on host-a
+    assert b.podman("image", "exists", image_id, check=False).returncode != 0
+    web = name("img")
+    a.run_workload(web, MIB, image=tag)
+    before = a.status(web)
+    ckpt = cluster.cli("checkpoint", f"host-a/{web}").stdout.strip()
+    cluster.cli("restore", ckpt, "--to", "host-b")
+    assert b.podman("image", "exists", image_id, check=False).returncode == 0
+    assert b.verify_memory(web)["nonce"] == before["nonce"]
+
+
+def test_leave_running_keeps_source_and_restores_a_copy(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name("live")
+    a.run_workload(web, MIB)
+    before = a.status(web)
+    ckpt = cluster.cli("checkpoint", f"host-a/{web}", "--leave-running").stdout.strip()
+    time.sleep(0.3)
+    still = a.status(web)
+    assert int(still["counter"]) > int(before["counter"])   # never stopped
+    copy = name("copy")
+    cluster.cli("restore", ckpt, "--to", "host-b", "--name", copy)
+    assert b.verify_memory(copy)["nonce"] == before["nonce"]
+    assert a.verify_memory(web)["verified"] == "ok"
+    meta = cluster.cli_json("checkpoints", ckpt)
+    assert meta["leave_running"] is True
+
+
+def test_corrupted_object_is_refused_before_criu_runs(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name("bad")
+    a.run_workload(web, MIB)
+    ckpt = cluster.cli("checkpoint", f"host-a/{web}", "--leave-running").stdout.strip()
+    _corrupt_one_object(cluster, ckpt)
+    result = cluster.cli("restore", ckpt, "--to", "host-b", "--name", web, check=False)
+    assert result.returncode != 0
+    assert "corrupted" in one_error_line(result.stderr)
+    # Nothing was handed to podman/CRIU: no container of that name exists on host-b.
+    assert web not in [c["Names"][0] for c in b.containers()]
+    assert a.status(web)["verified"] in ("never", "ok")   # the source is untouched
+
+
+def _corrupt_one_object(cluster, ckpt: str) -> None:
+    from stasis.storage.repository import Repository
+
+    env_backup = dict(os.environ)
+    os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("AWS_")})
+    try:
+        repo = Repository.open(cluster.repo_url)
+        manifest = repo.read_manifest(ckpt)
+        chunk = manifest.checkpoint.chunks[len(manifest.checkpoint.chunks) // 2]
+        key = repo.object_key(chunk.sha256)
+        data = bytearray(repo.backend.load(key))
+        data[len(data) // 2] ^= 0xFF
+        repo.backend.save(key, bytes(data))
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+
+
+def test_unknown_names_give_one_clear_line(cluster):
+    cases = [
+        (("checkpoint", "host-zz/web"), "unknown host 'host-zz'"),
+        (("checkpoint", "host-a/no-such-ctr"), "no container 'no-such-ctr'"),
+        (("restore", "0123456789abcdef", "--to", "host-b"), "no checkpoint"),
+        (("migrate", "host-a/web", "--to", "host-a"), "already on host-a"),
+        (("checkpoint", "web"), "HOST/CONTAINER"),
+    ]
+    for args, expected in cases:
+        result = cluster.cli(*args, check=False)
+        assert result.returncode != 0, args
+        assert expected in one_error_line(result.stderr), (args, result.stderr)
+
+
+def test_json_output_is_one_document(cluster):
+    for args in (("hosts",), ("ps",), ("checkpoints",)):
+        out = cluster.cli(*args, "--json").stdout
+        json.loads(out)  # exactly one document
+    hosts = cluster.cli_json("hosts")
+    info = {h["name"]: h for h in hosts}
+    assert info["host-a"]["info"]["criu_version"].startswith("4.")
+    assert info["host-a"]["info"]["criu_features"]["uffd-noncoop"] in (True, False)
+    assert info["host-a"]["info"]["runtime"] == "podman"
+
+
+def test_agent_down_gives_clear_error(cluster):
+    c = cluster.add_host(f"host-down-{cluster.backend}")
+    cluster.wait_hosts_up([c.name])
+    cluster.stop_agent(c)
+    # Right away the controller still believes it is up: the call itself fails, clearly.
+    result = cluster.cli("ps", "--host", c.name, check=False)
+    assert result.returncode != 0
+    assert f"agent {c.name} at {c.address} is unreachable" in result.stderr, result.stderr
+    # After missed heartbeats it is reported down, and commands say so before trying.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        states = {h["name"]: h["state"] for h in cluster.cli_json("hosts")}
+        if states[c.name] == "down":
+            break
+        time.sleep(0.5)
+    assert states[c.name] == "down"
+    result = cluster.cli("restore", "0123456789abcdef", "--to", c.name, check=False)
+    assert result.returncode != 0 and f"host {c.name} is down" in result.stderr, result.stderr
+
+
+def test_failed_restore_rolls_back_and_source_keeps_running(cluster):
+    a = cluster.hosts["host-a"]
+    bad = cluster.add_host(f"host-fail-{cluster.backend}",
+                           extra_env={"STASIS_FAILPOINTS": "restore.before_runtime"})
+    cluster.wait_hosts_up([bad.name])
+    web = name("rb")
+    a.run_workload(web, MIB)
+    before = a.status(web)
+    result = cluster.cli("migrate", f"host-a/{web}", "--to", bad.name, "--json", check=False)
+    assert result.returncode != 0
+    job = json.loads(result.stdout)
+    assert job["state"] == "rolled_back", job
+    assert "failpoint restore.before_runtime" in job["error"]
+    assert "rollback" in job["timings"]
+    # The source runs again with its memory; nothing runs on the failed destination.
+    after = a.verify_memory(web)
+    assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
+    assert a.podman("inspect", "--format", "{{.State.Status}}", web).stdout.strip() == "running"
+    assert web not in [c["Names"][0] for c in bad.containers()]
+
+
+def test_repository_alone_lists_checkpoints(cluster):
+    env = {k: v for k, v in cluster.env.items() if k.startswith("AWS_")}
+    from stasis.testbed.cluster import stasis_argv
+    import subprocess
+
+    out = subprocess.run([*stasis_argv(), "repo", "checkpoints", cluster.repo_url, "--json"],
+                         capture_output=True, text=True, env={**os.environ, **env}, check=True).stdout
+    from_repo = {c["id"] for c in json.loads(out)}
+    from_controller = {c["id"] for c in cluster.cli_json("checkpoints")}
+    assert from_controller and from_controller <= from_repo
+
+
+def test_controller_rebuilds_catalog_from_repository(cluster):
+    before = {c["id"] for c in cluster.cli_json("checkpoints")}
+    assert before
+    cluster.stop_controller()
+    os.unlink(os.path.join(cluster.base, "controller.db"))
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(os.path.join(cluster.base, "controller.db" + suffix)):
+            os.unlink(os.path.join(cluster.base, "controller.db" + suffix))
+    cluster.start_controller()
+    # The new controller knows no agents; their next heartbeat makes them register again.
+    cluster.wait_hosts_up(["host-a", "host-b"])
+    after = {c["id"] for c in cluster.cli_json("checkpoints")}
+    assert before <= after
