@@ -222,6 +222,16 @@ def cmd_job(args, client: Client) -> int:
     return 0 if job.state in ("succeeded", "running") else EXIT_FAILED
 
 
+def cmd_jobs(args, client: Client) -> int:
+    jobs = client.call("ListJobs", pb.ListJobsRequest(limit=args.limit)).jobs
+    if args.json:
+        emit_json([job_doc(j) for j in jobs])
+        return 0
+    table([[j.id, j.kind, j.state, j.phase, j.created, f"{j.downtime_seconds:.2f}s" if j.downtime_seconds else "",
+            j.error[:80]] for j in jobs], ["JOB", "KIND", "STATE", "PHASE", "CREATED", "DOWNTIME", "ERROR"])
+    return 0
+
+
 # ---------------------------------------------------------------------------- queries
 
 def cmd_hosts(args, client: Client) -> int:
@@ -419,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("job", "show a job (checkpoint, restore, migrate) with its phases and timings", cmd_job)
     p.add_argument("id")
     p.add_argument("--watch", action="store_true", help="follow the job until it ends")
+
+    p = add("jobs", "list recent jobs, newest first", cmd_jobs)
+    p.add_argument("--limit", type=int, default=50, help="how many (default %(default)s)")
 
     p = add("repo", "work on a repository directly (no controller needed)", None)
     rsub = p.add_subparsers(dest="repo_command", required=True, metavar="init|checkpoints")

@@ -40,7 +40,7 @@ def _transient(exc: BaseException) -> bool:
 
 _retry = retry(retry=retry_if_exception(_transient), reraise=True,
                stop=stop_after_attempt(int(os.environ.get("STASIS_S3_ATTEMPTS", "5"))),
-               wait=wait_exponential_jitter(initial=0.2, max=5))
+               wait=wait_exponential_jitter(multiplier=0.2, max=5))
 
 
 class S3Backend(Backend):
@@ -79,7 +79,8 @@ class S3Backend(Backend):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectNotFound(f"object {key} is missing from {self.url}")
-            if code == "NoSuchBucket":
+            if code == "NoSuchBucket" or (code == "AccessDenied" and not self._bucket_exists()):
+                # Some servers (SeaweedFS) answer a write to a missing bucket with AccessDenied.
                 return FailedPrecondition(f"bucket {self.bucket!r} does not exist; run 'stasis repo init {self.url}'")
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 return FailedPrecondition(f"S3 refused access to {self.url} ({code}); "
@@ -88,6 +89,15 @@ class S3Backend(Backend):
         if isinstance(exc, botocore.exceptions.BotoCoreError):
             return Unavailable(f"S3 endpoint for {self.url} is unreachable ({exc}); check AWS_ENDPOINT_URL")
         return StasisError(f"S3 error on {key}: {exc}")
+
+    def _bucket_exists(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return True
+        except botocore.exceptions.ClientError as exc:
+            return exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound")
+        except botocore.exceptions.BotoCoreError:
+            return True
 
     def ensure_bucket(self) -> None:
         try:

@@ -1,0 +1,151 @@
+"""AgentService over a fake Runtime (podman itself is covered by the end-to-end tests) and a real
+local-folder repository: idempotency, image reuse, resume after a failed upload, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
+from stasis.agent.service import AgentService
+from stasis.errors import AlreadyExists, FailedPrecondition, IntegrityError, NotFound, StasisError
+from stasis.storage.repository import Repository
+
+IMAGE_ID = "a" * 64
+
+
+class FakeRuntime(Runtime):
+    name = "podman"
+
+    def __init__(self):
+        self.containers: dict[str, ContainerInfo] = {}
+        self.images = {IMAGE_ID}
+        self.calls: list[str] = []
+        self.archives: dict[str, bytes] = {}
+
+    async def version(self):
+        return "4.3.1"
+
+    async def list(self, all=False):
+        return list(self.containers.values())
+
+    async def inspect(self, name):
+        if name not in self.containers:
+            raise NotFound(f"no container {name!r}")
+        return self.containers[name]
+
+    async def checkpoint(self, name, archive, leave_running):
+        self.calls.append("checkpoint")
+        await asyncio.sleep(0.01)
+        with open(archive, "wb") as f:
+            f.write(b"criu-images-of-" + name.encode() + os.urandom(100_000))
+        if not leave_running:
+            self.containers[name].state = "exited"
+        return DumpStats(0.01, {"frozen_time": 5000})
+
+    async def restore(self, archive, name):
+        self.calls.append("restore")
+        self.archives[name] = open(archive, "rb").read()
+        self.containers[name] = ContainerInfo("new-" + name, name, "localhost/x:1", IMAGE_ID, "running")
+        return RestoreStats(0.01, "new-" + name, {"restore_time": 2000})
+
+    async def resume(self, name):
+        self.calls.append("resume")
+        self.containers[name].state = "running"
+
+    async def remove(self, name, force=False):
+        self.containers.pop(name)
+
+    async def image_exists(self, image_id):
+        return image_id in self.images
+
+    async def image_save(self, image, image_id, archive):
+        self.calls.append("image_save")
+        with open(archive, "wb") as f:
+            f.write(b"image-tar" * 1000)
+
+    async def image_load(self, archive):
+        self.calls.append("image_load")
+        self.images.add(IMAGE_ID)
+
+
+@pytest.fixture
+def repo_url(tmp_path):
+    return Repository.init(f"file://{tmp_path}/repo", chunk_size=64 * 1024).url
+
+
+@pytest.fixture
+def agent(tmp_path):
+    runtime = FakeRuntime()
+    runtime.containers["web"] = ContainerInfo("c" * 64, "web", "localhost/x:1", IMAGE_ID, "running")
+    return AgentService("host-a", runtime, str(tmp_path / "work"))
+
+
+def noop(*_args):
+    pass
+
+
+async def test_checkpoint_then_restore_roundtrip(agent, repo_url):
+    m = await agent.checkpoint("op1", "web", False, repo_url, "", noop)
+    assert m.container.name == "web" and m.timings["frozen"] == 0.005 and m.image is not None
+    agent.runtime.containers.pop("web")
+    outcome = await agent.restore("op2", m.id[:6], repo_url, "", noop)
+    assert outcome.container.name == "web" and outcome.container.state == "running"
+    assert agent.runtime.archives["web"].startswith(b"criu-images-of-web")
+    assert os.listdir(os.path.join(agent.work_dir, "stage")) == []   # nothing secret left behind
+
+
+async def test_same_operation_id_runs_once(agent, repo_url):
+    a, b = await asyncio.gather(agent.checkpoint("op1", "web", True, repo_url, "", noop),
+                                agent.checkpoint("op1", "web", True, repo_url, "", noop))
+    assert a.id == b.id and agent.runtime.calls.count("checkpoint") == 1
+
+
+async def test_image_is_saved_once_then_reused(agent, repo_url):
+    await agent.checkpoint("op1", "web", True, repo_url, "", noop)
+    await agent.checkpoint("op2", "web", True, repo_url, "", noop)
+    assert agent.runtime.calls.count("image_save") == 1
+
+
+async def test_failed_upload_resumes_the_container(agent, tmp_path, monkeypatch):
+    url = Repository.init(f"file://{tmp_path}/repo2").url
+
+    def broken(*_a, **_k):
+        raise StasisError("disk full")
+    monkeypatch.setattr(Repository, "store_file", broken)
+    with pytest.raises(StasisError, match="disk full.*was resumed on host-a"):
+        await agent.checkpoint("op1", "web", False, url, "", noop)
+    assert agent.runtime.containers["web"].state == "running" and "resume" in agent.runtime.calls
+
+
+async def test_restore_refuses_taken_name_and_missing_container(agent, repo_url):
+    m = await agent.checkpoint("op1", "web", True, repo_url, "", noop)
+    with pytest.raises(AlreadyExists, match="--name"):
+        await agent.restore("op2", m.id, repo_url, "web", noop)
+    with pytest.raises(NotFound, match="on host-a"):
+        await agent.checkpoint("op3", "ghost", True, repo_url, "", noop)
+
+
+async def test_missing_image_is_loaded_from_the_checkpoint(agent, repo_url):
+    m = await agent.checkpoint("op1", "web", True, repo_url, "", noop)
+    agent.runtime.images.clear()
+    await agent.restore("op2", m.id, repo_url, "copy", noop)
+    assert "image_load" in agent.runtime.calls
+
+
+async def test_corruption_stops_restore_before_the_runtime(agent, repo_url):
+    m = await agent.checkpoint("op1", "web", True, repo_url, "", noop)
+    repo = Repository.open(repo_url)
+    key = repo.object_key(m.checkpoint.chunks[0].sha256)
+    repo.backend.save(key, b"tampered")
+    with pytest.raises(IntegrityError):
+        await agent.restore("op2", m.id, repo_url, "copy", noop)
+    assert "restore" not in agent.runtime.calls
+
+
+async def test_stopped_container_is_refused(agent, repo_url):
+    agent.runtime.containers["web"].state = "exited"
+    with pytest.raises(FailedPrecondition, match="not running"):
+        await agent.checkpoint("op1", "web", True, repo_url, "", noop)

@@ -1,0 +1,62 @@
+"""The command line: argument handling, JSON documents and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from stasis.controller.cli import build_parser, main, split_target, to_dict
+from stasis.errors import InvalidArgument
+from stasis.proto.v1 import stasis_pb2 as pb
+from stasis.testbed.cluster import stasis_argv
+from stasis.testbed.ports import free_port
+
+
+def test_global_options_work_before_and_after_the_command():
+    p = build_parser()
+    a = p.parse_args(["--json", "--controller", "127.0.0.1:9", "hosts"])
+    b = p.parse_args(["hosts", "--json", "--controller", "127.0.0.1:9"])
+    c = p.parse_args(["hosts"])
+    assert (a.json, a.controller) == (b.json, b.controller) == (True, "127.0.0.1:9")
+    assert c.json is False
+
+
+def test_controller_from_environment(monkeypatch):
+    monkeypatch.setenv("STASIS_CONTROLLER", "127.0.0.1:7777")
+    assert build_parser().parse_args(["ps"]).controller == "127.0.0.1:7777"
+
+
+@pytest.mark.parametrize("target", ["web", "/web", "host-a/", ""])
+def test_bad_targets_are_refused(target):
+    with pytest.raises(InvalidArgument, match="HOST/CONTAINER"):
+        split_target(target)
+
+
+def test_sizes_are_json_numbers():
+    doc = to_dict(pb.ListCheckpointsResponse(checkpoints=[pb.CheckpointSummary(size_bytes=5, image_bytes=7)]))
+    assert doc["checkpoints"][0]["size_bytes"] == 5 and doc["checkpoints"][0]["image_bytes"] == 7
+    host = to_dict(pb.Host(info=pb.HostInfo(work_free_bytes=9, criu_features={"uffd": True})))
+    assert host["info"]["work_free_bytes"] == 9 and host["info"]["criu_features"] == {"uffd": True}
+
+
+def test_unreachable_controller_is_one_line_and_exit_1(capsys):
+    assert main(["--controller", f"127.0.0.1:{free_port()}", "hosts"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "controller at 127.0.0.1:" in err[0] and "is unreachable" in err[0]
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["--controller", "127.0.0.1:1", "checkpoint", "noslash"]) == 2
+    assert "HOST/CONTAINER" in capsys.readouterr().err
+
+
+def test_installed_console_script_has_help():
+    out = subprocess.run([*stasis_argv(), "migrate", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--to HOST" in out and "destination host" in out
+
+
+def test_agent_refuses_unknown_runtime_clearly():
+    result = subprocess.run([*stasis_argv(), "agent", "serve", "--host-name", "x", "--runtime", "lxc"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "invalid choice" in result.stderr

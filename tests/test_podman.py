@@ -1,0 +1,44 @@
+"""Pure parts of the podman driver (the driver itself runs against real podman in test_e2e)."""
+
+from __future__ import annotations
+
+import pytest
+
+from stasis.agent.podman import _first_container_stats, check_name
+from stasis.agent.process import run, tail
+from stasis.errors import DeadlineExceeded, InvalidArgument, RuntimeFailure
+
+STATS = """{"podman_checkpoint_duration": 253899, "container_statistics": [{"Id": "e121", "RawInput": "t1",
+ "runtime_checkpoint_duration": 221937, "criu_statistics": {"freezing_time": 102465, "frozen_time": 74280,
+ "memdump_time": 661, "memwrite_time": 146, "pages_scanned": 48, "pages_written": 34}}]}"""
+
+
+def test_print_stats_are_parsed():
+    s = _first_container_stats(STATS)
+    assert s["Id"] == "e121" and s["criu_statistics"]["frozen_time"] == 74280
+    assert _first_container_stats("not json") == {}
+
+
+@pytest.mark.parametrize("name", ["web", "web-2", "a.b_c", "e121f462629289fa"])
+def test_good_names(name):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-rf", "a b", "../x", "x;rm", "a" * 200, "--all"])
+def test_bad_names_never_reach_podman(name):
+    with pytest.raises(InvalidArgument):
+        check_name(name)
+
+
+async def test_run_reports_tail_of_stderr():
+    with pytest.raises(RuntimeFailure, match="boom"):
+        await run(["sh", "-c", "echo one >&2; echo boom >&2; exit 3"])
+
+
+async def test_run_times_out():
+    with pytest.raises(DeadlineExceeded):
+        await run(["sleep", "5"], timeout=0.2)
+
+
+def test_tail_keeps_last_lines():
+    assert tail("a\n\nb\nc\n", 2) == "b | c"
