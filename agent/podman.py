@@ -125,9 +125,23 @@ def _first_container_stats(stdout: str) -> dict:
         return {}
 
 
+_LOGFILE = re.compile(r"(?:logfile|log file)[: ]+(/\S+?\.log)")
+
+
 def _criu_tail(stderr: str) -> str:
-    # podman repeats CRIU's log path and last error lines; those are what a user needs.
-    return tail(stderr, 6) or "no output"
+    """podman's error plus the last error lines of CRIU's own log, which say what really failed."""
+    message = tail(stderr, 3) or "no output"
+    match = _LOGFILE.search(stderr or "")
+    if match:
+        try:
+            with open(match.group(1), errors="replace") as f:
+                lines = f.read().splitlines()[-200:]
+        except OSError:
+            return message
+        errors = [line.strip() for line in lines if "Error" in line or "error" in line][-4:]
+        if errors:
+            message += " | CRIU log: " + " | ".join(errors)
+    return message
 
 
 def _unix_to_rfc3339(value) -> str:

@@ -45,13 +45,22 @@ class AgentService:
         os.makedirs(os.path.join(work_dir, "stage"), mode=0o700, exist_ok=True)
         self._ops: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
         self._criu_version = ""
+        self._runtime_version = ""
 
     # ------------------------------------------------------------------ queries
 
     async def host_info(self) -> dict:
         info = await probe(self.host_name, self.runtime, self.work_dir)
-        self._criu_version = info["criu_version"]
+        self._criu_version, self._runtime_version = info["criu_version"], info["runtime_version"]
         return info
+
+    async def _versions(self) -> tuple[str, str]:
+        # Each podman call costs tens of milliseconds; during a migration they count as downtime.
+        if not self._criu_version:
+            self._criu_version = await criu_version()
+        if not self._runtime_version:
+            self._runtime_version = await self.runtime.version()
+        return self._criu_version, self._runtime_version
 
     async def list(self, all: bool) -> list[ContainerInfo]:
         return await self.runtime.list(all)
@@ -101,7 +110,7 @@ class AgentService:
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")
         repo = await asyncio.to_thread(Repository.open, repo_url)
-        criu = self._criu_version or await criu_version()
+        criu, runtime_version = await self._versions()
         stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
         timings: dict[str, float] = {}
         dumped = False
@@ -125,7 +134,7 @@ class AgentService:
             image = await image_task
             manifest = Manifest(
                 id=ckpt_id, created=now_rfc3339(), host=self.host_name, runtime=self.runtime.name,
-                runtime_version=await self.runtime.version(), criu_version=criu, operation_id=op_id,
+                runtime_version=runtime_version, criu_version=criu, operation_id=op_id,
                 container=ContainerRef(info.id, info.name, info.image, info.image_id, info.labels),
                 leave_running=leave_running, checkpoint=artifact, image=image, timings=timings,
                 criu_stats=stats.criu)
@@ -176,13 +185,12 @@ class AgentService:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
                                      f"this host runs {self.runtime.name}")
         name = check_name(name or manifest.container.name)
-        try:
-            await self.runtime.inspect(name)
+        taken, have_image = await asyncio.gather(self._exists(name),
+                                                 self.runtime.image_exists(manifest.container.image_id))
+        if taken:
             raise AlreadyExists(f"a container named {name!r} already exists on {self.host_name}; "
                                 f"restore under another name with --name")
-        except NotFound:
-            pass
-        need_image = not await self.runtime.image_exists(manifest.container.image_id)
+        need_image = not have_image
         if need_image and manifest.image is None:
             raise FailedPrecondition(f"image {manifest.container.image} is not on {self.host_name} "
                                      f"and checkpoint {manifest.id} does not ship it")
@@ -221,6 +229,13 @@ class AgentService:
             return RestoreOutcome(info, timings)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+    async def _exists(self, name: str) -> bool:
+        try:
+            await self.runtime.inspect(name)
+            return True
+        except NotFound:
+            return False
 
     async def _load_image(self, repo: Repository, manifest: Manifest, stage: str,
                           timings: dict[str, float]) -> None:

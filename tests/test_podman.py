@@ -42,3 +42,15 @@ async def test_run_times_out():
 
 def test_tail_keeps_last_lines():
     assert tail("a\n\nb\nc\n", 2) == "b | c"
+
+
+def test_criu_failure_carries_the_tail_of_criu_log(tmp_path):
+    from stasis.agent.podman import _criu_tail
+
+    log = tmp_path / "dump.log"
+    log.write_text("(00.001) Dumping task\n(00.002) Error (criu/files.c:123): Can't dump fd 7\n"
+                   "(00.003) Error (criu/cr-dump.c:9): Dumping FAILED.\n(00.004) unrelated\n")
+    stderr = f"Error: CRIU checkpointing failed -52. Please check CRIU logfile {log}: exit status 1\n"
+    msg = _criu_tail(stderr)
+    assert "CRIU checkpointing failed" in msg and "Can't dump fd 7" in msg and "Dumping FAILED" in msg
+    assert "\n" not in msg

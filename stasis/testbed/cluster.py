@@ -130,17 +130,22 @@ class Cluster:
         self.start_agent(host, extra_env)
         return host
 
-    def start_agent(self, host: Host, extra_env: dict[str, str] | None = None) -> None:
-        # unshare without --fork execs in place: the agent's pid is the namespace's first process.
+    @staticmethod
+    def in_host_namespace(host: Host, argv: list[str]) -> list[str]:
+        """argv run in a new mount namespace that sees `host`'s podman, conmon and runc state."""
+        # unshare without --fork execs in place: argv's pid is the namespace's first process.
         mounts = []
         for target, folder in HOST_STATE.items():
             src = os.path.join(host.root, folder)
             os.makedirs(src, exist_ok=True)
             mounts.append(f"mkdir -p {target} && mount --bind {src} {target}")
         script = " && ".join(mounts) + ' && exec "$@"'
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "stasis-host",
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "stasis-host", *argv]
+
+    def start_agent(self, host: Host, extra_env: dict[str, str] | None = None) -> None:
+        argv = self.in_host_namespace(host, [
                 *stasis_argv(), "agent", "serve", "--listen", host.address, "--host-name", host.name,
-                "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work")]
+                "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work")])
         host.proc = subprocess.Popen(argv, env={**self.env, **(extra_env or {})},
                                      stdout=self._log(f"agent-{host.name}"), stderr=subprocess.STDOUT)
         if not wait_port(host.port, 30, host.proc):
@@ -172,10 +177,12 @@ class Cluster:
 
     def stop(self) -> None:
         for host in self.hosts.values():
-            if host.proc is not None and host.proc.poll() is None:
-                # Containers (and their conmon) would keep the namespace alive: remove them first.
-                subprocess.run([*host.nsenter(), "podman", "rm", "--all", "--force", "--time", "0"],
-                               capture_output=True, timeout=120)
+            # Containers (and their conmon) would outlive the agent: remove them first, from the
+            # agent's namespace or, if the agent is already gone, from a fresh one over the same state.
+            rm = ["podman", "rm", "--all", "--force", "--time", "0"]
+            alive = host.proc is not None and host.proc.poll() is None
+            subprocess.run([*host.nsenter(), *rm] if alive else self.in_host_namespace(host, rm),
+                           capture_output=True, timeout=120)
             _stop(host.proc)
             host.proc = None
         self.stop_controller()
