@@ -13,8 +13,10 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from stasis.errors import FailedPrecondition, InvalidArgument, StasisError, Unavailable
@@ -57,7 +59,7 @@ class S3Backend(Backend):
                 retries={"total_max_attempts": 1},  # tenacity decides what is worth retrying
                 max_pool_connections=32, connect_timeout=5, read_timeout=60,
                 s3={"addressing_style": "path"}))
-        self.transfer = boto3.s3.transfer.TransferConfig(
+        self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD,
             max_concurrency=4, use_threads=True)
 

@@ -109,3 +109,36 @@ def test_s3_missing_bucket_names_the_fix(s3_env):
 
     with pytest.raises(FailedPrecondition, match="stasis repo init"):
         S3Backend(f"absent-{uuid.uuid4().hex[:8]}").save("k", b"x")
+
+
+def test_only_transient_s3_errors_are_retried():
+    import botocore.exceptions
+
+    from stasis.storage.s3 import _transient
+
+    def client_error(code: str, status: int):
+        return botocore.exceptions.ClientError({"Error": {"Code": code},
+                                                "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert _transient(client_error("SlowDown", 503))
+    assert _transient(client_error("InternalError", 500))
+    assert _transient(botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not _transient(client_error("AccessDenied", 403))
+    assert not _transient(client_error("NoSuchKey", 404))
+    assert not _transient(ValueError("bug"))
+
+
+def test_transient_failures_are_retried_then_succeed(monkeypatch):
+    import botocore.exceptions
+
+    calls = []
+
+    class Flaky:
+        def put_object(self, **kwargs):
+            calls.append(kwargs["Key"])
+            if len(calls) < 3:
+                raise botocore.exceptions.ClientError({"Error": {"Code": "SlowDown"},
+                                                       "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+
+    S3Backend("b", client=Flaky()).save("k", b"x")
+    assert calls == ["k", "k", "k"]
