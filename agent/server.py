@@ -9,7 +9,7 @@ import grpc
 import structlog
 
 from stasis.agent.service import AgentService
-from stasis.errors import from_rpc_error, rpc_errors
+from stasis.errors import from_rpc_error, listen_on, rpc_errors
 from stasis.proto import convert
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
@@ -101,6 +101,7 @@ async def _register_loop(service: AgentService, controller: str, advertise: str)
                     reply = await stub.RegisterAgent(pb.RegisterAgentRequest(
                         name=service.host_name, address=advertise, info=info), timeout=10)
                     registered, delay = True, max(reply.heartbeat_seconds, 0.5)
+                    service.learn_repository(reply.repository)
                     log.info("registered with controller", controller=controller, host=service.host_name)
                 else:
                     reply = await stub.Heartbeat(pb.HeartbeatRequest(name=service.host_name), timeout=5)
@@ -110,15 +111,18 @@ async def _register_loop(service: AgentService, controller: str, advertise: str)
                 log.warning("controller unreachable; retrying", error=str(from_rpc_error(err, controller)))
                 registered = False
                 await asyncio.sleep(min(delay * 2, 5.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. a hung CRIU probe: log, keep trying
+                log.warning("registration failed; retrying", error=str(exc))
+                registered = False
+                await asyncio.sleep(5.0)
 
 
 async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_AgentServicer_to_server(AgentServicer(service), server)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        from stasis.errors import FailedPrecondition
-        raise FailedPrecondition(f"cannot listen on {listen}: address in use or invalid")
+    listen_on(server, listen)
     await server.start()
     address = advertise or listen
     log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid())

@@ -21,7 +21,8 @@ from stasis.agent import failpoints
 from stasis.agent.podman import check_name
 from stasis.agent.probe import criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
-from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeFailure, StasisError
+from stasis.errors import (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, RuntimeFailure,
+                           StasisError)
 from stasis.storage.manifest import Artifact, ContainerRef, Manifest
 from stasis.storage.repository import Repository, new_checkpoint_id, now_rfc3339
 
@@ -38,8 +39,13 @@ class RestoreOutcome:
 
 
 class AgentService:
-    def __init__(self, host_name: str, runtime: Runtime, work_dir: str):
+    def __init__(self, host_name: str, runtime: Runtime, work_dir: str, repository: str = ""):
         self.host_name = host_name
+        # The one repository this agent reads and writes: from --repo, else from the controller at
+        # registration. A request naming another one is refused, so a caller cannot make this root
+        # daemon restore from, or dump memory into, a repository of its choosing.
+        self.repository = repository
+        self.repository_pinned = bool(repository)
         self.runtime = runtime
         self.work_dir = work_dir
         os.makedirs(os.path.join(work_dir, "stage"), mode=0o700, exist_ok=True)
@@ -82,6 +88,22 @@ class AgentService:
             info = await self.runtime.inspect(name)
         return info
 
+    def learn_repository(self, url: str) -> None:
+        if self.repository_pinned and url and url != self.repository:
+            log.error("controller names another repository than --repo; keeping --repo",
+                      configured=self.repository, controller=url)
+            return
+        self.repository = url or self.repository
+
+    def _repository_url(self, requested: str) -> str:
+        if not self.repository:
+            raise FailedPrecondition(f"agent {self.host_name} has no repository yet: start it with --repo "
+                                     f"or --controller")
+        if requested and requested != self.repository:
+            raise PermissionDenied(f"agent {self.host_name} serves repository {self.repository} only, "
+                                   f"not {requested}")
+        return self.repository
+
     # ------------------------------------------------------------------ idempotency
 
     async def _once(self, op_id: str, work: Callable[[], Awaitable]):
@@ -109,11 +131,12 @@ class AgentService:
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")
-        repo = await asyncio.to_thread(Repository.open, repo_url)
+        repo = await asyncio.to_thread(Repository.open, self._repository_url(repo_url))
         criu, runtime_version = await self._versions()
         stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
         timings: dict[str, float] = {}
         dumped = False
+        image_task = None
         try:
             # The image is immutable: ship it while CRIU dumps, so it adds nothing to downtime.
             image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings))
@@ -148,7 +171,9 @@ class AgentService:
                 await self._resume_after_failure(info.name, exc)
             raise
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            if image_task is not None:   # never delete the stage under a running `podman save`
+                await asyncio.gather(image_task, return_exceptions=True)
+            await asyncio.to_thread(shutil.rmtree, stage, True)
 
     async def _resume_after_failure(self, name: str, exc: BaseException) -> None:
         try:
@@ -179,7 +204,7 @@ class AgentService:
         return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit))
 
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit) -> RestoreOutcome:
-        repo = await asyncio.to_thread(Repository.open, repo_url)
+        repo = await asyncio.to_thread(Repository.open, self._repository_url(repo_url))
         manifest = await asyncio.to_thread(repo.read_manifest, checkpoint_id)
         if manifest.runtime != self.runtime.name:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
@@ -202,8 +227,8 @@ class AgentService:
 
         stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
         timings: dict[str, float] = {}
+        image_task = None
         try:
-            image_task = None
             if need_image:
                 image_task = asyncio.ensure_future(self._load_image(repo, manifest, stage, timings))
             archive = os.path.join(stage, "checkpoint.tar")
@@ -228,7 +253,9 @@ class AgentService:
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return RestoreOutcome(info, timings)
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            if image_task is not None:
+                await asyncio.gather(image_task, return_exceptions=True)
+            await asyncio.to_thread(shutil.rmtree, stage, True)
 
     async def _exists(self, name: str) -> bool:
         try:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 import grpc
 
-from stasis.errors import from_rpc_error
+from stasis.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
 
 QUICK = 15.0          # seconds for queries
 LONG = 3600.0         # seconds for a checkpoint or restore of many GiB
+REATTACH = (1, 2, 4, 8)  # seconds between re-attempts of an idempotent long call
 
 
 class AgentClient:
@@ -32,6 +34,22 @@ class AgentClient:
             raise from_rpc_error(err, self.peer) from None
 
     async def _stream(self, method, request, on_progress: Callable[[pb.Progress], None]) -> pb.AgentEvent:
+        """A long call; when the connection drops, call again with the same operation id.
+
+        The agent keeps working when a stream breaks and joins a repeated operation id to the
+        running work, so re-attaching gets the real outcome instead of guessing (a guess here
+        would roll back a migration whose restore is still going on).
+        """
+        for pause in (*REATTACH, None):
+            try:
+                return await self._stream_once(method, request, on_progress)
+            except (Unavailable, DeadlineExceeded):
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def _stream_once(self, method, request, on_progress) -> pb.AgentEvent:
         final = None
         try:
             async for event in method(request, timeout=LONG):
@@ -42,7 +60,6 @@ class AgentClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.peer) from None
         if final is None:
-            from stasis.errors import Unavailable
             raise Unavailable(f"{self.peer} closed the stream without a result")
         return final
 

@@ -300,7 +300,13 @@ def cmd_repo(args) -> int:
             print(f"repository ready at {repo.url}")
         return 0
     repo = Repository.open(args.url)
-    items = sorted((checkpoint_pb(m) for m in repo.manifests()), key=lambda c: c.created)
+    items = []
+    for ident in repo.checkpoint_ids():
+        try:
+            items.append(checkpoint_pb(repo.read_manifest(ident)))
+        except StasisError as exc:   # one damaged manifest must not hide the others
+            print(f"stasis: warning: skipping checkpoint {ident}: {exc.message}", file=sys.stderr)
+    items.sort(key=lambda c: c.created)
     if args.json:
         emit_json([checkpoint_doc(c) for c in items])
     else:
@@ -336,7 +342,7 @@ def cmd_agent_serve(args) -> int:
     if args.runtime != "podman":
         raise InvalidArgument(f"runtime {args.runtime!r} is not supported yet; use podman")
     work_dir = args.work_dir or f"/var/lib/stasis/agent/{args.host_name}"
-    service = AgentService(args.host_name, PodmanRuntime(), work_dir)
+    service = AgentService(args.host_name, PodmanRuntime(), work_dir, args.repo or "")
     return _run_daemon(serve(service, args.listen, args.controller, args.advertise))
 
 
@@ -397,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advertise", help="address the controller should dial (default: --listen)")
     s.add_argument("--work-dir", help="where checkpoints are staged (default /var/lib/stasis/agent/HOST)")
     s.add_argument("--runtime", default="podman", choices=["podman"], help="container engine")
+    s.add_argument("--repo", help="the only repository this agent uses (default: the controller's, "
+                                  "learnt at registration)")
     s.set_defaults(fn=cmd_agent_serve, daemon=True)
 
     add("hosts", "list hosts and their state, runtime and CRIU", cmd_hosts)

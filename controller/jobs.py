@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import structlog
 
 from stasis.controller.store import JobRow, Store
-from stasis.errors import InvalidArgument, NotFound, StasisError
+from stasis.errors import AlreadyExists, InvalidArgument, NotFound, StasisError
 from stasis.proto.v1 import stasis_pb2 as pb
 
 log = structlog.get_logger("stasis.controller")
@@ -62,15 +62,24 @@ class JobManager:
             row.state, row.error = "failed", f"controller restarted during phase {row.phase or 'start'}"
             store.save_job(row)
 
+    def existing(self, request_id: str, kind: str, params: dict[str, Any]) -> Job | None:
+        """The job a retried request already started, or None; refuses an id reused for other work."""
+        if not request_id:
+            return None
+        if len(request_id) > 64 or not request_id.replace("-", "").isalnum():
+            raise InvalidArgument("request_id must be at most 64 letters, digits or '-'")
+        job = self.get(request_id)
+        if job is not None and (job.row.kind != kind or job.params != json.loads(json.dumps(params))):
+            raise AlreadyExists(f"request id {request_id} was used for another {job.row.kind} job; "
+                                f"use a new id")
+        return job
+
     def start(self, kind: str, params: dict[str, Any], request_id: str,
               work: Callable[[Job], Awaitable[None]]) -> Job:
         """Create a job and run `work` in the background; a known request id returns its job."""
-        if request_id:
-            if len(request_id) > 64 or not request_id.replace("-", "").isalnum():
-                raise InvalidArgument("request_id must be at most 64 letters, digits or '-'")
-            existing = self.get(request_id)
-            if existing is not None:
-                return existing
+        found = self.existing(request_id, kind, params)
+        if found is not None:
+            return found
         job = Job(self.store.create_job(request_id or uuid.uuid4().hex[:12], kind, params))
         self.live[job.id] = job
         task = asyncio.ensure_future(self._run(job, work))
@@ -93,6 +102,7 @@ class JobManager:
             self.save(job)
             job.done.set()
             job.publish()
+            self.live.pop(job.id, None)   # finished jobs are read back from the store
             log.info("job finished", job=job.id, kind=job.row.kind, state=job.row.state,
                      error=job.row.error or None)
 
@@ -134,12 +144,14 @@ class JobManager:
             while not job.done.is_set() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())
                 waiter = asyncio.ensure_future(job.done.wait())
-                finished, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    finished, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    if not getter.done():
+                        getter.cancel()
                 if getter in finished:
                     yield getter.result()
-                else:
-                    getter.cancel()
             yield pb.JobEvent(job=job.to_pb())
         finally:
             job.watchers.discard(queue)

@@ -68,8 +68,18 @@ class Migration:
                 if running.state != "running":
                     raise StasisError(f"{self.container} on {self.destination.name} is {running.state} "
                                       f"after restore, not running")
+        except AlreadyExists as exc:
+            # The destination refused because the name is taken by a container this job did not
+            # create: it must not be touched.
+            self.restore_started = False
+            await self.rollback(job, exc)
+            return
         except StasisError as exc:
             await self.rollback(job, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the source stopped
+            log.error("migration failed unexpectedly; rolling back", job=job.id, exc_info=exc)
+            await self.rollback(job, StasisError(f"internal error: {type(exc).__name__}: {exc}"))
             return
         async with self.jobs.phase(job, "commit"):
             job.result.update(host=self.destination.name, container=self.container,

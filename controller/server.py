@@ -9,7 +9,7 @@ import grpc
 import structlog
 
 from stasis.controller.service import ControllerService
-from stasis.errors import FailedPrecondition, rpc_errors
+from stasis.errors import listen_on, rpc_errors
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
 
@@ -42,7 +42,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             yield event
 
     async def Restore(self, request, context):
-        job = self.service.start_restore(request.request_id, request.checkpoint_id, request.host, request.name)
+        job = await self.service.start_restore(request.request_id, request.checkpoint_id, request.host, request.name)
         async for event in self.service.jobs.watch(job):
             yield event
 
@@ -72,8 +72,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 async def serve(service: ControllerService, listen: str) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(service), server)
-    if server.add_insecure_port(listen) == 0:
-        raise FailedPrecondition(f"cannot listen on {listen}: address in use or invalid")
+    listen_on(server, listen)
     await server.start()
     added = await service.sync_catalog()
     log.info("controller listening", address=listen, repository=service.repository.url,

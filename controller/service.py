@@ -120,6 +120,10 @@ class ControllerService:
         return lambda p: job.publish(p)
 
     def start_checkpoint(self, request_id: str, host: str, container: str, leave_running: bool) -> Job:
+        params = {"host": host, "container": container, "leave_running": leave_running}
+        found = self.jobs.existing(request_id, "checkpoint", params)
+        if found is not None:   # a retry: attach, even if the host went down since
+            return found
         agent = self.agent(host)
 
         async def work(job: Job) -> None:
@@ -132,12 +136,15 @@ class ControllerService:
             for t in summary.timings:
                 job.timings[f"agent.{t.name}"] = round(t.seconds, 4)
 
-        return self.jobs.start("checkpoint", {"host": host, "container": container,
-                                              "leave_running": leave_running}, request_id, work)
+        return self.jobs.start("checkpoint", params, request_id, work)
 
-    def start_restore(self, request_id: str, checkpoint_id: str, host: str, name: str) -> Job:
+    async def start_restore(self, request_id: str, checkpoint_id: str, host: str, name: str) -> Job:
+        params = {"checkpoint_id": checkpoint_id, "host": host, "name": name}
+        found = self.jobs.existing(request_id, "restore", params)
+        if found is not None:
+            return found
         agent = self.agent(host)
-        full = self.repository.resolve(checkpoint_id)
+        full = await asyncio.to_thread(self.repository.resolve, checkpoint_id)   # lists S3: off the loop
 
         async def work(job: Job) -> None:
             async with self.jobs.phase(job, "restore"):
@@ -147,18 +154,20 @@ class ControllerService:
             for t in result.timings:
                 job.timings[f"agent.{t.name}"] = round(t.seconds, 4)
 
-        return self.jobs.start("restore", {"checkpoint_id": full, "host": host, "name": name},
-                               request_id, work)
+        return self.jobs.start("restore", params, request_id, work)
 
     def start_migrate(self, request_id: str, host: str, container: str, to: str) -> Job:
         from stasis.controller.migrate import Migration
 
+        params = {"host": host, "container": container, "to": to}
+        found = self.jobs.existing(request_id, "migrate", params)
+        if found is not None:
+            return found
         if host == to:
             raise InvalidArgument(f"{container} is already on {host}: pick another destination")
         source, destination = self.agent(host), self.agent(to)
         migration = Migration(self, source, destination, container)
-        return self.jobs.start("migrate", {"host": host, "container": container, "to": to},
-                               request_id, migration.run)
+        return self.jobs.start("migrate", params, request_id, migration.run)
 
     async def close(self) -> None:
         await self.jobs.close()

@@ -48,6 +48,10 @@ class Unavailable(StasisError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class PermissionDenied(StasisError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DeadlineExceeded(StasisError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -67,7 +71,7 @@ class RuntimeFailure(StasisError):
 _BY_CODE: dict[grpc.StatusCode, type[StasisError]] = {
     cls.code: cls
     for cls in (NotFound, InvalidArgument, AlreadyExists, FailedPrecondition, Unavailable,
-                DeadlineExceeded, IntegrityError, RuntimeFailure)
+                PermissionDenied, DeadlineExceeded, IntegrityError, RuntimeFailure)
 }
 
 
@@ -133,3 +137,14 @@ def _wrap(fn: Callable[..., Any], method: str) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc, method)
     return wrapper
+
+
+def listen_on(server: grpc.aio.Server, address: str) -> int:
+    """Bind a server's port, or fail with one line (grpcio raises a bare RuntimeError)."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise FailedPrecondition(f"cannot listen on {address}: the address is in use or invalid")
+    return port

@@ -17,8 +17,8 @@ class LocalBackend(Backend):
     def __init__(self, root: str):
         if not root.startswith("/"):
             raise StasisError(f"local repository path must be absolute, got {root!r}")
+        # Not created here: a mistyped path must read as "no repository", not as a new empty one.
         self.root = os.path.normpath(root)
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
 
     @property
     def url(self) -> str:
@@ -32,14 +32,18 @@ class LocalBackend(Backend):
         # or the new one, never a torn one.
         path = self._path(key)
         folder = os.path.dirname(path)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        tmp = ""
         try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, path)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _os_error(exc, key, self.url) from None
         except BaseException:
             _unlink_quietly(tmp)
             raise
@@ -52,12 +56,16 @@ class LocalBackend(Backend):
                 return f.read() if length is None else f.read(length)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} is missing from {self.url}") from None
+        except OSError as exc:
+            raise _os_error(exc, key, self.url) from None
 
     def stat(self, key: str) -> ObjectInfo:
         try:
             return ObjectInfo(key, os.stat(self._path(key)).st_size)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} is missing from {self.url}") from None
+        except OSError as exc:
+            raise _os_error(exc, key, self.url) from None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = os.path.join(self.root, os.path.dirname(prefix))
@@ -81,6 +89,11 @@ class LocalBackend(Backend):
             raise ObjectNotFound(f"object {key} is missing from {self.url}") from None
 
 
+def _os_error(exc: OSError, key: str, url: str) -> StasisError:
+    # Full disk, no permission, read-only file system: one line naming the object and the cause.
+    return StasisError(f"cannot access {key} in {url}: {exc.strerror or exc}")
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -90,6 +103,8 @@ def _fsync_dir(path: str) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
+    if not path:
+        return
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -113,6 +113,9 @@ class Manifest:
                 f"{where}.container.labels", "must map strings to strings")
         container = ContainerRef(*(_str(c.get(k), f"{where}.container.{k}")
                                    for k in ("id", "name", "image", "image_id")), labels=labels)
+        # Ids are handed to podman as arguments: only the shape podman itself produces is accepted.
+        for k in ("id", "image_id"):
+            _expect(bool(_SHA256.match(getattr(container, k))), f"{where}.container.{k}", "is not a 64-hex id")
         arts = data.get("artifacts")
         _expect(isinstance(arts, dict), f"{where}.artifacts", "must be an object")
         image = arts.get("image")

@@ -98,6 +98,7 @@ class Repository:
         chunks: list[Chunk | None] = []
         done = 0
         lock = threading.Lock()
+        failed = threading.Event()
         # At most 2 x workers chunks are read and not yet stored: that is the memory bound.
         slots = threading.BoundedSemaphore(self.workers * 2)
 
@@ -113,21 +114,28 @@ class Repository:
                     done += len(data)
                     if progress:
                         progress(done, total)
+            except BaseException:
+                failed.set()   # stop reading: the first failure decides the outcome
+                raise
             finally:
                 slots.release()
 
-        with open(path, "rb") as f, concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            futures = []
-            while True:
-                slots.acquire()
-                data = f.read(self.chunk_size)
-                if not data:
-                    slots.release()
-                    break
-                chunks.append(None)
-                futures.append(pool.submit(put, len(chunks) - 1, data))
+        pool = concurrent.futures.ThreadPoolExecutor(self.workers)
+        futures = []
+        try:
+            with open(path, "rb") as f:
+                while not failed.is_set():
+                    slots.acquire()
+                    data = f.read(self.chunk_size)
+                    if not data:
+                        slots.release()
+                        break
+                    chunks.append(None)
+                    futures.append(pool.submit(put, len(chunks) - 1, data))
             for fut in futures:
                 fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return Artifact(total, tuple(c for c in chunks if c is not None), media_type)
 
     def fetch_file(self, artifact: Artifact, path: str, progress: Progress | None = None,
@@ -142,6 +150,7 @@ class Repository:
             pos += c.size
 
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        pool = concurrent.futures.ThreadPoolExecutor(self.workers)
         try:
             def get(chunk: Chunk, offset: int) -> None:
                 nonlocal done
@@ -152,13 +161,14 @@ class Repository:
                     if progress:
                         progress(done, artifact.size)
 
-            with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-                # A chunk is held only while its worker runs: at most `workers` chunks in memory.
-                for fut in [pool.submit(get, c, o) for c, o in zip(artifact.chunks, offsets, strict=True)]:
-                    fut.result()
+            # A chunk is held only while its worker runs: at most `workers` chunks in memory.
+            futures = [pool.submit(get, c, o) for c, o in zip(artifact.chunks, offsets, strict=True)]
+            for fut in concurrent.futures.as_completed(futures):
+                fut.result()   # the first bad chunk raises; the rest are cancelled below
             os.ftruncate(fd, artifact.size)
             os.fsync(fd)
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
 
     def load_object(self, chunk: Chunk, what: str = "checkpoint") -> bytes:

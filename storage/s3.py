@@ -84,10 +84,13 @@ class S3Backend(Backend):
             if code == "NoSuchBucket" or (code == "AccessDenied" and not self._bucket_exists()):
                 # Some servers (SeaweedFS) answer a write to a missing bucket with AccessDenied.
                 return FailedPrecondition(f"bucket {self.bucket!r} does not exist; run 'stasis repo init {self.url}'")
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 return FailedPrecondition(f"S3 refused access to {self.url} ({code}); "
                                           f"check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
             return StasisError(f"S3 error on {key} in {self.url}: {code}")
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return FailedPrecondition(f"no S3 credentials for {self.url}: set AWS_ACCESS_KEY_ID and "
+                                      f"AWS_SECRET_ACCESS_KEY")
         if isinstance(exc, botocore.exceptions.BotoCoreError):
             return Unavailable(f"S3 endpoint for {self.url} is unreachable ({exc}); check AWS_ENDPOINT_URL")
         return StasisError(f"S3 error on {key}: {exc}")
@@ -105,10 +108,12 @@ class S3Backend(Backend):
         try:
             self._head_bucket()
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
-                self.client.create_bucket(Bucket=self.bucket)
-            else:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
                 raise self._fail(exc, "") from None
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+                raise self._fail(err, "") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise self._fail(exc, "") from None
 

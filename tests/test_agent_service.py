@@ -10,7 +10,8 @@ import pytest
 
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
 from stasis.agent.service import AgentService
-from stasis.errors import AlreadyExists, FailedPrecondition, IntegrityError, NotFound, StasisError
+from stasis.errors import (AlreadyExists, FailedPrecondition, IntegrityError, NotFound, PermissionDenied,
+                           StasisError)
 from stasis.storage.repository import Repository
 
 IMAGE_ID = "a" * 64
@@ -77,10 +78,10 @@ def repo_url(tmp_path):
 
 
 @pytest.fixture
-def agent(tmp_path):
+def agent(tmp_path, repo_url):
     runtime = FakeRuntime()
     runtime.containers["web"] = ContainerInfo("c" * 64, "web", "localhost/x:1", IMAGE_ID, "running")
-    return AgentService("host-a", runtime, str(tmp_path / "work"))
+    return AgentService("host-a", runtime, str(tmp_path / "work"), repo_url)
 
 
 def noop(*_args):
@@ -109,8 +110,8 @@ async def test_image_is_saved_once_then_reused(agent, repo_url):
     assert agent.runtime.calls.count("image_save") == 1
 
 
-async def test_failed_upload_resumes_the_container(agent, tmp_path, monkeypatch):
-    url = Repository.init(f"file://{tmp_path}/repo2").url
+async def test_failed_upload_resumes_the_container(agent, repo_url, monkeypatch):
+    url = repo_url
 
     def broken(*_a, **_k):
         raise StasisError("disk full")
@@ -149,3 +150,18 @@ async def test_stopped_container_is_refused(agent, repo_url):
     agent.runtime.containers["web"].state = "exited"
     with pytest.raises(FailedPrecondition, match="not running"):
         await agent.checkpoint("op1", "web", True, repo_url, "", noop)
+
+
+async def test_only_the_agents_own_repository_is_used(agent, repo_url, tmp_path):
+    other = Repository.init(f"file://{tmp_path}/attacker").url
+    with pytest.raises(PermissionDenied, match="serves repository"):
+        await agent.checkpoint("op1", "web", True, other, "", noop)
+    with pytest.raises(PermissionDenied):
+        await agent.restore("op2", "0123456789abcdef", other, "x", noop)
+    m = await agent.checkpoint("op3", "web", True, "", "", noop)   # empty means the agent's own
+    assert m.id
+    fresh = AgentService("host-b", FakeRuntime(), str(tmp_path / "w2"))
+    with pytest.raises(FailedPrecondition, match="no repository"):
+        await fresh.restore("op4", m.id, repo_url, "x", noop)
+    fresh.learn_repository(repo_url)
+    assert fresh.repository == repo_url

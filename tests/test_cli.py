@@ -60,3 +60,35 @@ def test_agent_refuses_unknown_runtime_clearly():
     result = subprocess.run([*stasis_argv(), "agent", "serve", "--host-name", "x", "--runtime", "lxc"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = subprocess.run([*stasis_argv(), "controller", "serve", "--listen", f"127.0.0.1:{port}",
+                                 "--state", str(tmp_path / "c.db"), "--repo", f"file://{tmp_path}/repo"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_repo_listing_skips_a_damaged_manifest(tmp_path, capsys):
+    from stasis.storage.repository import Repository
+
+    repo = Repository.init(f"file://{tmp_path}/r")
+    repo.backend.save("checkpoints/0123456789abcdef.json", b"{not json")
+    assert main(["repo", "checkpoints", repo.url, "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "[]"
+    assert "skipping checkpoint 0123456789abcdef" in out.err
+
+
+def test_mistyped_local_repository_is_not_created(tmp_path, capsys):
+    assert main(["repo", "checkpoints", f"file://{tmp_path}/typo"]) == 1
+    assert "no stasis repository" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()

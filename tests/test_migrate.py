@@ -179,3 +179,53 @@ async def test_restart_marks_unfinished_jobs_failed(tmp_path):
     JobManager(store)
     assert store.job("j1").state == "failed"
     assert "controller restarted during phase restore" in store.job("j1").error
+
+
+async def test_request_id_reused_for_other_work_is_refused(service):
+    from stasis.errors import AlreadyExists
+
+    async def work(job):
+        pass
+
+    job = service.jobs.start("checkpoint", {"container": "web"}, "req-2", work)
+    await job.done.wait()
+    with pytest.raises(AlreadyExists, match="another checkpoint job"):
+        service.jobs.start("checkpoint", {"container": "db"}, "req-2", work)
+
+
+async def test_name_taken_at_restore_time_is_not_removed(service):
+    from stasis.errors import AlreadyExists
+
+    class Racing(FakeAgent):
+        async def restore(self, op_id, checkpoint_id, repository, name, on_progress):
+            self.containers[name] = "running"   # someone else's container appeared after preflight
+            raise AlreadyExists(f"a container named {name!r} already exists")
+
+    src, dst = FakeAgent("a", containers={"web": "running"}), Racing("b")
+    job = await migrate(service, src, dst)
+    assert job.row.state == "rolled_back"
+    assert "remove" not in dst.calls and dst.containers["web"] == "running"
+    assert src.containers["web"] == "running"
+
+
+async def test_client_reattaches_with_the_same_operation_id(monkeypatch):
+    from stasis.controller import agents
+    from stasis.errors import Unavailable
+
+    monkeypatch.setattr(agents, "REATTACH", (0, 0))
+    seen = []
+
+    def method(request, timeout):
+        seen.append(request.operation_id)
+
+        async def events():
+            if len(seen) == 1:
+                raise Unavailable("connection reset")
+            yield pb.AgentEvent(progress=pb.Progress(phase="restore"))
+            yield pb.AgentEvent(restored=pb.RestoreResult(container=pb.Container(name="web")))
+        return events()
+
+    client = agents.AgentClient("b", "127.0.0.1:1")
+    event = await client._stream(method, pb.AgentRestoreRequest(operation_id="op-7"), lambda p: None)
+    await client.close()
+    assert event.restored.container.name == "web" and seen == ["op-7", "op-7"]

@@ -105,8 +105,9 @@ class Cluster:
     def controller_address(self) -> str:
         return f"127.0.0.1:{self.controller_port}"
 
-    def _log(self, name: str):
-        return open(os.path.join(self.base, f"{name}.log"), "ab")
+    def _spawn(self, argv: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen:
+        with open(os.path.join(self.base, f"{log_name}.log"), "ab") as log:   # the child keeps its own fd
+            return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def start_controller(self) -> None:
         # A restarted controller keeps its address, so running agents find it again.
@@ -114,8 +115,7 @@ class Cluster:
         argv = [*stasis_argv(), "controller", "serve", "--listen", self.controller_address,
                 "--state", os.path.join(self.base, "controller.db"), "--repo", self.repo_url,
                 "--heartbeat", str(self.heartbeat)]
-        self.controller = subprocess.Popen(argv, env=self.env, stdout=self._log("controller"),
-                                           stderr=subprocess.STDOUT)
+        self.controller = self._spawn(argv, "controller", self.env)
         if not wait_port(self.controller_port, 30, self.controller):
             raise RuntimeError(f"controller did not start; see {self.base}/controller.log")
 
@@ -146,8 +146,7 @@ class Cluster:
         argv = self.in_host_namespace(host, [
                 *stasis_argv(), "agent", "serve", "--listen", host.address, "--host-name", host.name,
                 "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work")])
-        host.proc = subprocess.Popen(argv, env={**self.env, **(extra_env or {})},
-                                     stdout=self._log(f"agent-{host.name}"), stderr=subprocess.STDOUT)
+        host.proc = self._spawn(argv, f"agent-{host.name}", {**self.env, **(extra_env or {})})
         if not wait_port(host.port, 30, host.proc):
             raise RuntimeError(f"agent {host.name} did not start; see {self.base}/agent-{host.name}.log")
 
@@ -181,8 +180,11 @@ class Cluster:
             # agent's namespace or, if the agent is already gone, from a fresh one over the same state.
             rm = ["podman", "rm", "--all", "--force", "--time", "0"]
             alive = host.proc is not None and host.proc.poll() is None
-            subprocess.run([*host.nsenter(), *rm] if alive else self.in_host_namespace(host, rm),
-                           capture_output=True, timeout=120)
+            try:
+                subprocess.run([*host.nsenter(), *rm] if alive else self.in_host_namespace(host, rm),
+                               capture_output=True, timeout=120)
+            except subprocess.TimeoutExpired:
+                pass   # stop the rest regardless
             _stop(host.proc)
             host.proc = None
         self.stop_controller()
