@@ -68,14 +68,27 @@ class Host:
             time.sleep(0.1)
         raise TimeoutError(f"memhold in {container} on {self.name} did not verify its memory")
 
+    def mutate_memory(self, container: str, timeout: float = 60) -> None:
+        """Ask memhold to rewrite 5% of its pages (what changes between two backups)."""
+        before = int(self.status(container).get("mutations", 0))
+        self.podman("kill", "--signal", "USR2", container)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if int(self.status(container).get("mutations", 0)) > before:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"memhold in {container} on {self.name} did not rewrite its pages")
+
     def import_image(self, ref: str, with_workload: bool = True, label: str = "") -> str:
         args = ["import", "--quiet"]
         if label:
             args += ["--change", f"LABEL stasis.test={label}"]
         return self.podman(*args, rootfs_tar(with_workload), ref).stdout.strip()
 
-    def run_workload(self, name: str, mib: int, image: str = "localhost/stasis-memhold:1") -> None:
-        self.podman("run", "-d", "--network", "none", "--name", name, image, "/bin/memhold", str(mib))
+    def run_workload(self, name: str, mib: int, image: str = "localhost/stasis-memhold:1",
+                     compressible_percent: int = 0) -> None:
+        self.podman("run", "-d", "--network", "none", "--name", name, image, "/bin/memhold", str(mib),
+                    str(compressible_percent))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
