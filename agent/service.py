@@ -39,8 +39,11 @@ class RestoreOutcome:
 
 
 class AgentService:
-    def __init__(self, host_name: str, runtime: Runtime, work_dir: str, repository: str = ""):
+    def __init__(self, host_name: str, runtime: Runtime, work_dir: str, repository: str = "",
+                 password: str | None = None):
         self.host_name = host_name
+        self._password = password            # unlocks an encrypted repository; never logged
+        self._repos: dict[str, Repository] = {}
         # The one repository this agent reads and writes: from --repo, else from the controller at
         # registration. A request naming another one is refused, so a caller cannot make this root
         # daemon restore from, or dump memory into, a repository of its choosing.
@@ -104,6 +107,14 @@ class AgentService:
                                    f"not {requested}")
         return self.repository
 
+    async def _open(self, requested: str) -> Repository:
+        """The agent's repository, opened once (unwrapping its key costs a deliberate scrypt)."""
+        url = self._repository_url(requested)
+        repo = self._repos.get(url)
+        if repo is None:
+            repo = self._repos[url] = await asyncio.to_thread(Repository.open, url, self._password)
+        return repo
+
     # ------------------------------------------------------------------ idempotency
 
     async def _once(self, op_id: str, work: Callable[[], Awaitable]):
@@ -131,8 +142,10 @@ class AgentService:
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")
-        repo = await asyncio.to_thread(Repository.open, self._repository_url(repo_url))
+        repo = await self._open(repo_url)
         criu, runtime_version = await self._versions()
+        # Shared lock: a prune can neither run nor start until this checkpoint is committed.
+        lock = await asyncio.to_thread(repo.lock, "shared")
         stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
         timings: dict[str, float] = {}
         dumped = False
@@ -174,6 +187,7 @@ class AgentService:
             if image_task is not None:   # never delete the stage under a running `podman save`
                 await asyncio.gather(image_task, return_exceptions=True)
             await asyncio.to_thread(shutil.rmtree, stage, True)
+            await asyncio.to_thread(lock.release)
 
     async def _resume_after_failure(self, name: str, exc: BaseException) -> None:
         try:
@@ -204,7 +218,7 @@ class AgentService:
         return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit))
 
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit) -> RestoreOutcome:
-        repo = await asyncio.to_thread(Repository.open, self._repository_url(repo_url))
+        repo = await self._open(repo_url)
         manifest = await asyncio.to_thread(repo.read_manifest, checkpoint_id)
         if manifest.runtime != self.runtime.name:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
@@ -225,6 +239,7 @@ class AgentService:
             raise FailedPrecondition(f"not enough space in {self.work_dir} on {self.host_name}: "
                                      f"{needed} bytes needed, {free} free")
 
+        lock = await asyncio.to_thread(repo.lock, "shared")   # no prune while we read
         stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
         timings: dict[str, float] = {}
         image_task = None
@@ -256,6 +271,7 @@ class AgentService:
             if image_task is not None:
                 await asyncio.gather(image_task, return_exceptions=True)
             await asyncio.to_thread(shutil.rmtree, stage, True)
+            await asyncio.to_thread(lock.release)
 
     async def _exists(self, name: str) -> bool:
         try:

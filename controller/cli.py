@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from stasis import __version__
-from stasis.errors import InvalidArgument, StasisError, from_rpc_error
+from stasis.errors import FailedPrecondition, InvalidArgument, StasisError, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
 
@@ -288,18 +288,37 @@ def checkpoint_doc(c: pb.CheckpointSummary) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- repository, no controller
 
-def cmd_repo(args) -> int:
-    from stasis.proto.convert import checkpoint_pb
+def _password(args, prompt: bool = False, confirm: bool = False) -> str | None:
+    from stasis.storage.keys import read_password
+
+    return read_password(getattr(args, "password_file", None), prompt=prompt, confirm=confirm)
+
+
+def _open_repo(args):
     from stasis.storage.repository import Repository
 
-    if args.repo_command == "init":
-        repo = Repository.init(args.url)
-        if args.json:
-            emit_json({"url": repo.url, "chunk_size": repo.chunk_size})
-        else:
-            print(f"repository ready at {repo.url}")
-        return 0
-    repo = Repository.open(args.url)
+    return Repository.open(args.url, _password(args, prompt=True))
+
+
+def cmd_repo_init(args) -> int:
+    from stasis.storage.repository import Repository
+
+    password = None if args.no_encryption else _password(args, prompt=True, confirm=True)
+    repo = Repository.init(args.url, password, encrypt=not args.no_encryption)
+    if args.json:
+        emit_json({"url": repo.url, "id": repo.config.id, "encryption": repo.config.encryption})
+    else:
+        print(f"created repository {repo.config.id[:8]} at {repo.url} "
+              f"({'encrypted, ' + repo.config.encryption if repo.encrypted else 'NOT encrypted'})")
+        if repo.encrypted:
+            print("keep the password safe: without it the checkpoints cannot be read", file=sys.stderr)
+    return 0
+
+
+def cmd_repo_checkpoints(args) -> int:
+    from stasis.proto.convert import checkpoint_pb
+
+    repo = _open_repo(args)
     items = []
     for ident in repo.checkpoint_ids():
         try:
@@ -315,6 +334,118 @@ def cmd_repo(args) -> int:
     return 0
 
 
+def cmd_repo_info(args) -> int:
+    from stasis.storage import maintenance
+
+    doc = maintenance.info(_open_repo(args))
+    if args.json:
+        emit_json(doc)
+        return 0
+    print(f"repository   {doc['url']} (id {doc['id'][:8]}, format version {doc['format_version']})")
+    enc = f"{doc['encryption']} ({doc['keys']} keys)" if doc["encrypted"] else "NONE: checkpoints are in plaintext"
+    print(f"encryption   {enc}")
+    print(f"chunker      {doc['chunker']}; compression {doc['compression']}; packs of {human_bytes(doc['pack_size'])}")
+    print(f"checkpoints  {doc['checkpoints']}; {doc['chunks']} unique chunks in {doc['packs']} packs")
+    print(f"sizes        logical {human_bytes(doc['logical_bytes'])}, unique {human_bytes(doc['unique_bytes'])}, "
+          f"stored {human_bytes(doc['stored_bytes'])}")
+    if doc["total_ratio"]:
+        print(f"ratios       dedup {doc['dedup_ratio']}x, compression {doc['compression_ratio']}x, "
+              f"total {doc['total_ratio']}x")
+    return 0
+
+
+def cmd_repo_stats(args) -> int:
+    from stasis.storage import maintenance
+
+    doc = maintenance.stats(_open_repo(args), args.checkpoint)
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"checkpoint {doc['id']} of {doc['container']} ({doc['created']})")
+        print(f"  logical {human_bytes(doc['logical_bytes'])} in {doc['chunks']} chunks "
+              f"({doc['unique_chunks']} distinct, {human_bytes(doc['unique_bytes'])})")
+        print(f"  stored  {human_bytes(doc['stored_bytes'])} after compression")
+        print(f"  new     {human_bytes(doc['new_bytes'])} in {doc['new_chunks']} chunks no earlier checkpoint had "
+              f"({human_bytes(doc['new_stored_bytes'])} stored)")
+    return 0
+
+
+def cmd_repo_check(args) -> int:
+    from stasis.storage import maintenance
+
+    subset = 1.0
+    if args.subset:
+        try:
+            subset = float(args.subset.rstrip("%")) / 100
+            assert 0 < subset <= 1
+        except (ValueError, AssertionError):
+            raise InvalidArgument(f"--subset {args.subset!r}: give a percentage such as 10%") from None
+    progress = None
+    if not args.json and sys.stderr.isatty():
+        def progress(done: int, total: int) -> None:
+            sys.stderr.write(f"\r  read {done}/{total} packs")
+            sys.stderr.flush()
+    report = maintenance.check(_open_repo(args), read_data=args.read_data or bool(args.subset),
+                               subset=subset, progress=progress)
+    if args.json:
+        emit_json(report.to_json())
+    else:
+        if progress:
+            sys.stderr.write("\n")
+        for problem in report.problems:
+            print(f"error: {problem}")
+        print(f"checked {report.checkpoints} checkpoints, {report.packs} packs"
+              f"{f', read {report.packs_read}' if report.packs_read else ''}: "
+              f"{'no problems' if report.ok else f'{len(report.problems)} problems'}")
+        if report.damaged_checkpoints:
+            print(f"damaged checkpoints: {', '.join(sorted(report.damaged_checkpoints))}")
+        if report.unreferenced_packs:
+            print(f"{report.unreferenced_packs} packs are unreferenced ('stasis repo prune' removes them)")
+    return 0 if report.ok else EXIT_FAILED
+
+
+def cmd_repo_prune(args) -> int:
+    from stasis.storage import maintenance
+
+    doc = maintenance.prune(_open_repo(args), dry_run=args.dry_run, wait=args.wait)
+    if args.json:
+        emit_json(doc)
+    else:
+        verb = "would free" if args.dry_run else "freed"
+        print(f"{verb} {human_bytes(doc['bytes_freed'])}: {doc['packs_deleted']} packs deleted, "
+              f"{doc['packs_repacked']} repacked; {doc['checkpoints']} checkpoints keep {doc['used_chunks']} chunks")
+    return 0
+
+
+def cmd_repo_forget(args) -> int:
+    repo = _open_repo(args)
+    gone = [repo.remove_checkpoint(c) for c in args.checkpoints]
+    if args.json:
+        emit_json({"forgotten": gone})
+    else:
+        print(f"forgot {len(gone)} checkpoints; run 'stasis repo prune' to free their space")
+    return 0
+
+
+def cmd_repo_key(args) -> int:
+    from stasis.storage.keys import read_password
+
+    repo = _open_repo(args)
+    if args.key_command == "add":
+        new = read_password(args.new_password_file, env="STASIS_NEW_PASSWORD")
+        if not new:
+            raise InvalidArgument("give the new password with --new-password-file or STASIS_NEW_PASSWORD")
+        key_id = repo.add_key(_password(args), new)
+        emit_json({"added": key_id}) if args.json else print(f"added key {key_id}")
+    elif args.key_command == "remove":
+        repo.remove_key(args.id)
+        emit_json({"removed": args.id}) if args.json else print(f"removed key {args.id}")
+    else:
+        ids = repo.key_ids()
+        emit_json(ids) if args.json else print("\n".join(ids))
+    return 0
+
+
 # ---------------------------------------------------------------------------- daemons
 
 def cmd_controller_serve(args) -> int:
@@ -322,10 +453,17 @@ def cmd_controller_serve(args) -> int:
     from stasis.controller.server import serve
     from stasis.controller.service import ControllerService
     from stasis.controller.store import Store
-    from stasis.storage.repository import Repository
+    from stasis.storage.repository import Repository, RepositoryMissing
 
     logs.configure()
-    repo = Repository.init(args.repo)
+    password = _password(args)
+    try:
+        repo = Repository.open(args.repo, password)
+    except RepositoryMissing:
+        if not password and not args.no_encryption:
+            raise FailedPrecondition(f"no repository at {args.repo} yet: set STASIS_PASSWORD (or --password-file) "
+                                     f"to create an encrypted one, or pass --no-encryption") from None
+        repo = Repository.init(args.repo, password, encrypt=not args.no_encryption)
     service = ControllerService(Store(args.state), repo, heartbeat_seconds=args.heartbeat)
     return _run_daemon(serve(service, args.listen))
 
@@ -342,7 +480,7 @@ def cmd_agent_serve(args) -> int:
     if args.runtime != "podman":
         raise InvalidArgument(f"runtime {args.runtime!r} is not supported yet; use podman")
     work_dir = args.work_dir or f"/var/lib/stasis/agent/{args.host_name}"
-    service = AgentService(args.host_name, PodmanRuntime(), work_dir, args.repo or "")
+    service = AgentService(args.host_name, PodmanRuntime(), work_dir, args.repo or "", _password(args))
     return _run_daemon(serve(service, args.listen, args.controller, args.advertise))
 
 
@@ -393,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint repository: file:///path or s3://bucket/prefix (AWS_* variables "
                         "give credentials and AWS_ENDPOINT_URL the server)")
     s.add_argument("--heartbeat", type=float, default=2.0, help="seconds between agent heartbeats")
+    s.add_argument("--password-file", help="repository password (default: $STASIS_PASSWORD)")
+    s.add_argument("--no-encryption", action="store_true",
+                   help="when the repository does not exist yet, create it unencrypted")
     s.set_defaults(fn=cmd_controller_serve, daemon=True)
 
     p = add("agent", "run the agent daemon on this host", None)
@@ -405,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="podman", choices=["podman"], help="container engine")
     s.add_argument("--repo", help="the only repository this agent uses (default: the controller's, "
                                   "learnt at registration)")
+    s.add_argument("--password-file", help="repository password (default: $STASIS_PASSWORD)")
     s.set_defaults(fn=cmd_agent_serve, daemon=True)
 
     add("hosts", "list hosts and their state, runtime and CRIU", cmd_hosts)
@@ -442,13 +584,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="how many (default %(default)s)")
 
     p = add("repo", "work on a repository directly (no controller needed)", None)
-    rsub = p.add_subparsers(dest="repo_command", required=True, metavar="init|checkpoints")
-    r = rsub.add_parser("init", help="create a repository (S3: creates the bucket too)", parents=[common])
-    r.add_argument("url")
-    r.set_defaults(fn=cmd_repo, daemon=True)
-    r = rsub.add_parser("checkpoints", help="list the checkpoints a repository holds", parents=[common])
-    r.add_argument("url")
-    r.set_defaults(fn=cmd_repo, daemon=True)
+    rsub = p.add_subparsers(dest="repo_command", required=True, metavar="COMMAND")
+
+    def repo_cmd(name: str, help: str, fn, before_url: tuple = ()) -> argparse.ArgumentParser:
+        r = rsub.add_parser(name, help=help, description=help, parents=[common])
+        for arg, kw in before_url:
+            r.add_argument(arg, **kw)
+        r.add_argument("url", metavar="REPO_URL", help="file:///path or s3://bucket/prefix")
+        r.add_argument("--password-file", help="file holding the password (default: $STASIS_PASSWORD)")
+        r.set_defaults(fn=fn, daemon=True)
+        return r
+
+    r = repo_cmd("init", "create a repository (S3: the bucket too); encrypted unless --no-encryption", cmd_repo_init)
+    r.add_argument("--no-encryption", action="store_true", help="store checkpoints in plaintext (not advised)")
+    repo_cmd("info", "format, encryption, chunker, sizes and dedup ratio", cmd_repo_info)
+    repo_cmd("checkpoints", "list the checkpoints a repository holds", cmd_repo_checkpoints)
+    r = repo_cmd("stats", "stored and new bytes of one checkpoint", cmd_repo_stats)
+    r.add_argument("checkpoint", metavar="CHECKPOINT_ID")
+    r = repo_cmd("check", "verify structure; with --read-data every byte too", cmd_repo_check)
+    r.add_argument("--read-data", action="store_true", help="download and verify every pack")
+    r.add_argument("--subset", metavar="N%", help="read only this share of the packs, chosen at random")
+    r = repo_cmd("prune", "delete data no checkpoint references (safe with concurrent writers)", cmd_repo_prune)
+    r.add_argument("--dry-run", action="store_true", help="say what would be freed, change nothing")
+    r.add_argument("--wait", type=float, default=0.0, help="seconds to wait for writers to finish")
+    r = repo_cmd("forget", "remove checkpoints from the repository (prune frees their space)", cmd_repo_forget)
+    r.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_ID")
+    r = repo_cmd("key", "list, add or remove passwords (key files): key list|add|remove REPO_URL [ID]",
+                 cmd_repo_key, (("key_command", {"choices": ["list", "add", "remove"]}),))
+    r.add_argument("id", nargs="?", help="key id (remove)")
+    r.add_argument("--new-password-file", help="the password to add (default: $STASIS_NEW_PASSWORD)")
     return parser
 
 

@@ -1,41 +1,66 @@
 """Checkpoint manifests: what a checkpoint is made of, parsed strictly.
 
 A manifest is read back from storage, so it is untrusted: every field is type-checked and every
-object it names is a well-formed sha256 before anything uses it. See docs/repository-format.md.
+object it names is a well-formed chunk id before anything uses it. See docs/repository-format.md.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
+
+import zstandard
 
 from stasis.errors import IntegrityError
 
 FORMAT = "stasis-checkpoint"
-VERSION = 1
+VERSION = 2
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHECKPOINT_ID = re.compile(r"^[0-9a-f]{16}$")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    sha256: str
-    size: int
+ID_BYTES = 32
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """One file (the runtime's checkpoint archive, an image archive) stored as ordered chunks."""
+    """One file (the runtime's checkpoint archive, an image archive) as its ordered chunks.
+
+    Chunk ids are kept packed (32 bytes each) and sizes run-length encoded: a 1 GiB archive in
+    4 KiB chunks has 262 144 of them.
+    """
 
     size: int
-    chunks: tuple[Chunk, ...]
+    ids: bytes                                   # concatenated 32-byte keyed BLAKE3 ids
+    sizes: tuple[tuple[int, int], ...]           # runs of (chunk size, count)
     media_type: str = "application/x-tar"
+
+    @classmethod
+    def build(cls, chunks: list[tuple[bytes, int]], media_type: str = "application/x-tar") -> "Artifact":
+        runs: list[list[int]] = []
+        for _, size in chunks:
+            if runs and runs[-1][0] == size:
+                runs[-1][1] += 1
+            else:
+                runs.append([size, 1])
+        return cls(sum(s for _, s in chunks), b"".join(i for i, _ in chunks),
+                   tuple((s, n) for s, n in runs), media_type)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids) // ID_BYTES
+
+    def chunks(self) -> Iterator[tuple[bytes, int]]:
+        i = 0
+        for size, n in self.sizes:
+            for _ in range(n):
+                yield self.ids[i:i + ID_BYTES], size
+                i += ID_BYTES
 
     def to_json(self) -> dict[str, Any]:
         return {"size": self.size, "media_type": self.media_type,
-                "chunks": [[c.sha256, c.size] for c in self.chunks]}
+                "ids": base64.b64encode(self.ids).decode(), "sizes": [list(r) for r in self.sizes]}
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "Artifact":
@@ -43,17 +68,20 @@ class Artifact:
         size = _int(data.get("size"), f"{where}.size")
         media = data.get("media_type", "application/x-tar")
         _expect(isinstance(media, str), f"{where}.media_type", "must be a string")
-        raw = data.get("chunks")
-        _expect(isinstance(raw, list), f"{where}.chunks", "must be a list")
-        chunks = []
-        for i, item in enumerate(raw):
-            _expect(isinstance(item, list) and len(item) == 2, f"{where}.chunks[{i}]", "must be [sha256, size]")
-            digest, csize = item
-            _expect(isinstance(digest, str) and bool(_SHA256.match(digest)), f"{where}.chunks[{i}]",
-                    "names no valid sha256")
-            chunks.append(Chunk(digest, _int(csize, f"{where}.chunks[{i}].size")))
-        _expect(sum(c.size for c in chunks) == size, f"{where}.size", "differs from the sum of its chunks")
-        return cls(size, tuple(chunks), media)
+        try:
+            ids = base64.b64decode(data.get("ids"), validate=True)
+        except (TypeError, ValueError):
+            ids = None
+        _expect(ids is not None and len(ids) % ID_BYTES == 0, f"{where}.ids", "are malformed")
+        runs = data.get("sizes")
+        _expect(isinstance(runs, list), f"{where}.sizes", "must be a list")
+        sizes = []
+        for i, run in enumerate(runs):
+            _expect(isinstance(run, list) and len(run) == 2, f"{where}.sizes[{i}]", "must be [size, count]")
+            sizes.append((_int(run[0], f"{where}.sizes[{i}]"), _int(run[1], f"{where}.sizes[{i}]")))
+        _expect(sum(n for _, n in sizes) * ID_BYTES == len(ids), f"{where}.sizes", "do not match the ids")
+        _expect(sum(s * n for s, n in sizes) == size, f"{where}.size", "differs from the sum of its chunks")
+        return cls(size, ids, tuple(sizes), media)
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,7 @@ class Manifest:
     operation_id: str = ""
 
     def to_bytes(self) -> bytes:
+        """The manifest's JSON; the repository seals it (docs/repository-format.md)."""
         body = {
             "format": FORMAT, "version": VERSION, "id": self.id, "created": self.created,
             "host": self.host, "runtime": self.runtime, "runtime_version": self.runtime_version,
@@ -91,13 +120,14 @@ class Manifest:
                           "image": self.image.to_json() if self.image else None},
             "timings": self.timings, "criu_stats": self.criu_stats,
         }
-        return json.dumps(body, indent=1, sort_keys=True).encode()
+        # Compressed: the chunk list of a large checkpoint is megabytes of JSON.
+        return zstandard.ZstdCompressor().compress(json.dumps(body, sort_keys=True).encode())
 
     @classmethod
     def from_bytes(cls, raw: bytes, where: str = "manifest") -> "Manifest":
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            data = json.loads(zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 30))
+        except (ValueError, UnicodeDecodeError, zstandard.ZstdError):
             raise IntegrityError(f"{where} is not valid JSON: the repository is damaged") from None
         _expect(isinstance(data, dict), where, "must be an object")
         _expect(data.get("format") == FORMAT, f"{where}.format", f"is not {FORMAT!r}")

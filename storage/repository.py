@@ -1,36 +1,52 @@
-"""The checkpoint repository: content objects named by their sha256, manifests written last.
+"""The checkpoint repository, format version 2 (docs/repository-format.md).
 
-Layout (docs/repository-format.md):
-    config                          what this is, its format version, the chunk size
-    objects/<2 hex>/<sha256>        content objects: pieces of checkpoint and image archives
-    checkpoints/<id>.json           one manifest per checkpoint; the commit point
-    images/<image id>.json          which artifact holds an image already (lets checkpoints reuse it)
+Artifacts are cut into content-defined chunks; each distinct chunk is stored once, compressed and
+sealed, in packs of tens of MiB listed by immutable index files; the sealed manifest is written last
+and is the single commit point. Reads authenticate and re-hash every chunk before writing a byte.
 
-Files move in fixed-size chunks, several at once, so memory stays bounded (workers x chunk size)
-whatever the checkpoint's size. Every chunk read back is hashed before a byte of it is written out.
+Writes run as a pipeline: the caller's thread cuts chunks, a pool hashes, compresses and seals
+them, and a second pool uploads finished packs, with bounded queues in between so memory stays at
+about (workers x max chunk) + (uploads in flight x pack size) whatever the artifact's size.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import concurrent.futures
-import hashlib
 import json
 import os
 import re
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-from stasis.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
-from stasis.storage.backend import Backend, ObjectNotFound, open_backend
-from stasis.storage.manifest import CHECKPOINT_ID, Artifact, Chunk, Manifest
+import structlog
 
+from stasis.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, StasisError
+from stasis.storage import keys as keyfiles
+from stasis.storage.backend import Backend, ObjectNotFound, open_backend
+from stasis.storage.chunker import DEFAULT as DEFAULT_CHUNKER
+from stasis.storage.chunker import ChunkerParams, cut_file
+from stasis.storage.crypto import AeadSealer, Sealer
+from stasis.storage.locks import Lock
+from stasis.storage.manifest import CHECKPOINT_ID, Artifact, Manifest
+from stasis.storage.pack import (GROUP_BYTES, GROUP_CHUNKS, HEX64, Location, PackBuilder, decode_blob,
+                                 decode_index, encode_blob, encode_index, locations, pack_key)
+
+log = structlog.get_logger("stasis.storage")
 REPO_FORMAT = "stasis-repository"
-REPO_VERSION = 1
-DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+REPO_VERSION = 2
+DEFAULT_PACK_SIZE = 32 << 20
+MAX_READ = 16 << 20       # one ranged GET covers neighbouring blobs up to this size
+READ_GAP = 256 << 10      # and skips over at most this much unneeded data to do so
 Progress = Callable[[int, int], None]
-_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RepositoryMissing(FailedPrecondition):
+    """There is no repository at this URL (yet)."""
 
 
 def new_checkpoint_id() -> str:
@@ -41,172 +57,366 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class RepoConfig:
+    id: str
+    encryption: str
+    chunker: ChunkerParams
+    pack_size: int
+    created: str
+
+
 class Repository:
-    def __init__(self, backend: Backend, chunk_size: int, workers: int = 8):
+    def __init__(self, backend: Backend, sealer: Sealer, config: RepoConfig, workers: int = 8):
         self.backend = backend
-        self.chunk_size = chunk_size
+        self.sealer = sealer
+        self.config = config
         self.workers = workers
+        self.index: dict[bytes, Location] = {}
+        self.packs: dict[str, int] = {}
+        self.loaded_indexes: set[str] = set()
+        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return self.backend.url
 
-    # ------------------------------------------------------------------ opening
+    @property
+    def encrypted(self) -> bool:
+        return self.sealer.encrypted
+
+    # ------------------------------------------------------------------ init / open
 
     @classmethod
-    def init(cls, url: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Repository":
-        """Create the repository if it does not exist; open it if it does."""
+    def init(cls, url: str, password: str | None, encrypt: bool = True,
+             chunker: dict | None = None, pack_size: int = DEFAULT_PACK_SIZE) -> "Repository":
+        """Create a repository; refuses to touch an existing one."""
         backend = open_backend(url)
         if hasattr(backend, "ensure_bucket"):
             backend.ensure_bucket()
-        if not backend.exists("config"):
-            config = {"format": REPO_FORMAT, "version": REPO_VERSION, "id": uuid.uuid4().hex,
-                      "created": now_rfc3339(), "chunk_size": chunk_size}
-            backend.save("config", json.dumps(config, indent=1).encode())
-        return cls.open(url, backend)
+        if backend.exists("config"):
+            raise FailedPrecondition(f"{backend.url} already holds a repository")
+        if encrypt and not password:
+            raise InvalidArgument("an encrypted repository needs a password: set STASIS_PASSWORD or "
+                                  "--password-file (or choose --no-encryption)")
+        params = ChunkerParams.from_json(chunker or DEFAULT_CHUNKER)
+        body = {"chunker": params.to_json(), "compression": "zstd", "pack_size": pack_size,
+                "created": now_rfc3339()}
+        envelope = {"format": REPO_FORMAT, "version": REPO_VERSION, "id": uuid.uuid4().hex}
+        if encrypt:
+            master = keyfiles.MasterKey.generate()
+            sealer: Sealer = AeadSealer(master.encryption_key, master.id_key)
+            backend.save(f"keys/{uuid.uuid4().hex}.json", keyfiles.wrap(master, password, now_rfc3339()))
+            envelope.update(encryption=sealer.scheme,
+                            body=base64.b64encode(sealer.seal(json.dumps(body).encode(), b"config")).decode())
+        else:
+            body["id_key"] = base64.b64encode(os.urandom(32)).decode()
+            envelope.update(encryption="none", body=body)
+        backend.save("config", json.dumps(envelope, indent=1).encode())
+        return cls.open(url, password, backend)
 
     @classmethod
-    def open(cls, url: str, backend: Backend | None = None) -> "Repository":
+    def open(cls, url: str, password: str | None = None, backend: Backend | None = None) -> "Repository":
         backend = backend or open_backend(url)
+        missing = RepositoryMissing(f"no stasis repository at {backend.url}; create one with "
+                                    f"'stasis repo init {backend.url}'")
+        if hasattr(backend, "bucket_exists") and not backend.bucket_exists():
+            raise missing
         try:
             raw = backend.load("config")
         except ObjectNotFound:
-            raise FailedPrecondition(f"no stasis repository at {backend.url}; create one with "
-                                     f"'stasis repo init {backend.url}'") from None
+            raise missing from None
         try:
-            config = json.loads(raw)
-            assert config["format"] == REPO_FORMAT
-            chunk_size = int(config["chunk_size"])
-            assert 64 * 1024 <= chunk_size <= 256 * 1024 * 1024
+            envelope = json.loads(raw)
+            assert isinstance(envelope, dict) and envelope["format"] == REPO_FORMAT
         except (ValueError, KeyError, TypeError, AssertionError):
             raise IntegrityError(f"{backend.url}/config is not a stasis repository config") from None
-        if config.get("version") != REPO_VERSION:
-            raise FailedPrecondition(f"repository {backend.url} has format version {config.get('version')}; "
+        if envelope.get("version") != REPO_VERSION:
+            raise FailedPrecondition(f"repository {backend.url} has format version {envelope.get('version')}; "
                                      f"this stasis reads version {REPO_VERSION}: upgrade stasis")
-        return cls(backend, chunk_size)
-
-    # ------------------------------------------------------------------ objects
+        scheme = envelope.get("encryption")
+        key_files = [i.key for i in backend.list("keys/")]
+        if scheme == "none":
+            if key_files:   # someone who can write the bucket must not downgrade it to plaintext
+                raise IntegrityError(f"{backend.url}: config says unencrypted but key files exist; refusing")
+            body = envelope.get("body")
+            try:
+                sealer: Sealer = Sealer(base64.b64decode(body["id_key"]))
+            except (KeyError, TypeError, ValueError):
+                raise IntegrityError(f"{backend.url}/config is malformed") from None
+        elif scheme == "aes-256-gcm":
+            if not password:
+                raise FailedPrecondition(f"repository {backend.url} is encrypted: set STASIS_PASSWORD "
+                                         f"or --password-file")
+            master = cls._unlock(backend, key_files, password)
+            sealer = AeadSealer(master.encryption_key, master.id_key)
+            try:
+                body = json.loads(sealer.open(base64.b64decode(envelope.get("body", "")), b"config", "config"))
+            except (ValueError, TypeError):
+                raise IntegrityError(f"{backend.url}/config is malformed") from None
+        else:
+            raise FailedPrecondition(f"repository {backend.url} uses encryption {scheme!r}, unknown to this stasis")
+        try:
+            config = RepoConfig(str(envelope["id"]), scheme, ChunkerParams.from_json(body["chunker"]),
+                                int(body["pack_size"]), str(body.get("created", "")))
+            assert 1 << 20 <= config.pack_size <= 1 << 30
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise IntegrityError(f"{backend.url}/config is malformed") from None
+        repo = cls(backend, sealer, config)
+        repo.refresh_index()
+        return repo
 
     @staticmethod
-    def object_key(digest: str) -> str:
-        return f"objects/{digest[:2]}/{digest}"
+    def _unlock(backend: Backend, key_files: list[str], password: str) -> keyfiles.MasterKey:
+        if not key_files:
+            raise IntegrityError(f"repository {backend.url} is encrypted but has no key files")
+        for key in key_files:
+            try:
+                return keyfiles.unwrap(backend.load(key), password, key)
+            except StasisError:
+                continue
+        raise keyfiles.PermissionDenied(f"wrong password for repository {backend.url}")
+
+    # ------------------------------------------------------------------ keys
+
+    def add_key(self, master_password: str, new_password: str) -> str:
+        master = self._unlock(self.backend, [i.key for i in self.backend.list("keys/")], master_password)
+        key = f"keys/{uuid.uuid4().hex}.json"
+        self.backend.save(key, keyfiles.wrap(master, new_password, now_rfc3339()))
+        return key.split("/")[1][:-5]
+
+    def key_ids(self) -> list[str]:
+        return [i.key.split("/")[1][:-5] for i in self.backend.list("keys/")]
+
+    def remove_key(self, key_id: str) -> None:
+        if not re.match(r"^[0-9a-f]{32}$", key_id or ""):
+            raise InvalidArgument(f"key id {key_id!r} is malformed")
+        if len(self.key_ids()) <= 1:
+            raise FailedPrecondition("refusing to remove the last key: the repository would be unreadable")
+        try:
+            self.backend.remove(f"keys/{key_id}.json")
+        except ObjectNotFound:
+            raise NotFound(f"no key {key_id} in {self.url}") from None
+
+    # ------------------------------------------------------------------ locks
+
+    def lock(self, kind: str = "shared", wait: float = 60.0) -> Lock:
+        """Take a lock, then bring the index up to date: what a prune changed before is seen."""
+        lock = Lock(self.backend, kind).acquire(wait)
+        try:
+            self.refresh_index()
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    # ------------------------------------------------------------------ index
+
+    def refresh_index(self) -> int:
+        """Load index files written since the last refresh (by this or any other writer).
+
+        When an index file we loaded is gone, a prune replaced it and may have deleted packs it
+        named: everything is reloaded, so nothing (a dedup decision above all) relies on them.
+        """
+        names = [i.key for i in self.backend.list("index/")]
+        listed = {k[6:-5] for k in names}
+        with self._lock:
+            if not self.loaded_indexes <= listed:
+                self.index, self.packs, self.loaded_indexes = {}, {}, set()
+        new = [k for k in names if k.endswith(".json") and k[6:-5] not in self.loaded_indexes
+               and HEX64.match(k[6:-5])]
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            loaded = list(pool.map(self._load_index, new))
+        with self._lock:
+            for index_id, packs in loaded:
+                if packs is None:
+                    continue
+                self._merge(packs)
+                self.loaded_indexes.add(index_id)
+        return len(loaded)
+
+    def _load_index(self, key: str) -> tuple[str, dict | None]:
+        index_id = key[6:-5]
+        try:
+            return index_id, decode_index(self.sealer, self.backend.load(key), index_id)
+        except ObjectNotFound:   # deleted by a concurrent prune after a new index replaced it
+            return index_id, None
+
+    def _merge(self, packs: dict[str, dict]) -> None:
+        for pack_id, table in packs.items():
+            self.packs[pack_id] = table["size"]
+            for chunk_id, where in locations(pack_id, table):
+                self.index.setdefault(chunk_id, where)
+
+    def read_index_file(self, index_id: str) -> dict[str, dict]:
+        """One index file, decoded: {pack id: info} (for check and prune)."""
+        if not HEX64.match(index_id):
+            raise IntegrityError(f"index/{index_id}.json has a malformed name")
+        return decode_index(self.sealer, self.backend.load(f"index/{index_id}.json"), index_id)
+
+    def write_index(self, packs: dict[str, dict]) -> str:
+        index_id, data = encode_index(self.sealer, packs)
+        self.backend.save(f"index/{index_id}.json", data)
+        with self._lock:
+            self._merge(packs)
+            self.loaded_indexes.add(index_id)
+        return index_id
+
+    # ------------------------------------------------------------------ writing
 
     def store_file(self, path: str, progress: Progress | None = None,
                    media_type: str = "application/x-tar") -> Artifact:
-        """Upload a file as content-addressed chunks, several in flight, and return its artifact."""
+        """Store a file as chunks (new ones grouped, compressed, sealed, packed); return its artifact."""
+        writer = PackWriter(self)
+        chunks: list[tuple[bytes, int]] = []
         total = os.path.getsize(path)
-        chunks: list[Chunk | None] = []
         done = 0
-        lock = threading.Lock()
-        failed = threading.Event()
-        # At most 2 x workers chunks are read and not yet stored: that is the memory bound.
-        slots = threading.BoundedSemaphore(self.workers * 2)
-
-        def put(index: int, data: bytes) -> None:
-            nonlocal done
-            try:
-                digest = hashlib.sha256(data).hexdigest()
-                key = self.object_key(digest)
-                if not self.backend.exists(key):  # identical content is stored once
-                    self.backend.save(key, data)
-                chunks[index] = Chunk(digest, len(data))
-                with lock:
-                    done += len(data)
-                    if progress:
-                        progress(done, total)
-            except BaseException:
-                failed.set()   # stop reading: the first failure decides the outcome
-                raise
-            finally:
-                slots.release()
-
-        pool = concurrent.futures.ThreadPoolExecutor(self.workers)
-        futures = []
         try:
-            with open(path, "rb") as f:
-                while not failed.is_set():
-                    slots.acquire()
-                    data = f.read(self.chunk_size)
-                    if not data:
-                        slots.release()
-                        break
-                    chunks.append(None)
-                    futures.append(pool.submit(put, len(chunks) - 1, data))
-            for fut in futures:
-                fut.result()
+            for chunk_id, size in writer.run(cut_file(path, self.config.chunker)):
+                chunks.append((chunk_id, size))
+                done += size
+                if progress and (done == total or len(chunks) % 1024 == 0):
+                    progress(done, total)
+            writer.close()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return Artifact(total, tuple(c for c in chunks if c is not None), media_type)
+            writer.abort()
+        if progress:
+            progress(total, total)
+        return Artifact.build(chunks, media_type)
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        # Every chunk the manifest names is in an index before it: the manifest is the commit point.
+        missing = [i for art in (manifest.checkpoint, manifest.image) if art for i, _ in art.chunks()
+                   if i not in self.index]
+        if missing:
+            raise IntegrityError(f"checkpoint {manifest.id}: {len(missing)} chunks are not stored; not committing")
+        self.backend.save(f"checkpoints/{manifest.id}.json",
+                          self.sealer.seal(manifest.to_bytes(), f"checkpoint:{manifest.id}".encode()))
+
+    # ------------------------------------------------------------------ reading
 
     def fetch_file(self, artifact: Artifact, path: str, progress: Progress | None = None,
                    what: str = "checkpoint") -> None:
-        """Download an artifact into `path`, verifying every chunk's sha256 before writing it."""
+        """Write an artifact to `path`; every chunk is authenticated and re-hashed before it is written."""
+        if any(i not in self.index for i, _ in artifact.chunks()):
+            self.refresh_index()
+        reads = self._plan_reads(artifact, what)
         done = 0
         lock = threading.Lock()
-        offsets = []
-        pos = 0
-        for c in artifact.chunks:
-            offsets.append(pos)
-            pos += c.size
-
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         pool = concurrent.futures.ThreadPoolExecutor(self.workers)
         try:
-            def get(chunk: Chunk, offset: int) -> None:
+            def run(read: tuple[str, int, int, dict]) -> None:
                 nonlocal done
-                data = self.load_object(chunk, what)
-                os.pwrite(fd, data, offset)
+                pack, start, end, blobs = read
+                data = self._load_range(pack, start, end - start, what)
+                written = 0
+                for (blob_offset, blob_length, plain_length), uses in blobs.items():
+                    label = f"{what}: blob at {blob_offset} of pack {pack[:12]}"
+                    plain = decode_blob(self.sealer, data[blob_offset - start:blob_offset - start + blob_length],
+                                        plain_length, label)
+                    written += self._write_uses(fd, plain, uses, label)
                 with lock:
-                    done += len(data)
+                    done += written
                     if progress:
                         progress(done, artifact.size)
 
-            # A chunk is held only while its worker runs: at most `workers` chunks in memory.
-            futures = [pool.submit(get, c, o) for c, o in zip(artifact.chunks, offsets, strict=True)]
+            futures = [pool.submit(run, r) for r in reads]
             for fut in concurrent.futures.as_completed(futures):
-                fut.result()   # the first bad chunk raises; the rest are cancelled below
+                fut.result()   # the first failure raises; the rest are cancelled below
             os.ftruncate(fd, artifact.size)
             os.fsync(fd)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
 
-    def load_object(self, chunk: Chunk, what: str = "checkpoint") -> bytes:
+    def _write_uses(self, fd: int, plain: bytes, uses: list[tuple[int, int, int, bytes]], label: str) -> int:
+        """Verify each chunk taken from a blob, then write runs that are contiguous in both at once."""
+        uses.sort()
+        written = 0
+        run_file = run_plain = run_len = -1
+        for file_offset, offset, length, chunk_id in uses:
+            piece = plain[offset:offset + length]
+            if self.sealer.chunk_id(piece) != chunk_id:
+                raise IntegrityError(f"{label}: chunk {chunk_id.hex()[:12]} does not match its id: it is damaged")
+            if run_len >= 0 and file_offset == run_file + run_len and offset == run_plain + run_len:
+                run_len += length
+                continue
+            if run_len > 0:
+                os.pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
+                written += run_len
+            run_file, run_plain, run_len = file_offset, offset, length
+        if run_len > 0:
+            os.pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
+            written += run_len
+        return written
+
+    def _plan_reads(self, artifact: Artifact, what: str) -> list[tuple[str, int, int, dict]]:
+        """Group chunks by blob, and blobs of a pack into ranged reads of at most MAX_READ."""
+        by_pack: dict[str, dict] = collections.defaultdict(lambda: collections.defaultdict(list))
+        file_offset = 0
+        for chunk_id, size in artifact.chunks():
+            where = self.index.get(chunk_id)
+            if where is None or where.length != size:
+                raise IntegrityError(f"{what}: chunk {chunk_id.hex()[:12]} is in no index of {self.url}; "
+                                     f"the repository lost data ('stasis repo check' tells what)")
+            by_pack[where.pack][(where.blob_offset, where.blob_length, where.blob_plain)].append(
+                (file_offset, where.offset, size, chunk_id))
+            file_offset += size
+        reads = []
+        for pack, blobs in by_pack.items():
+            group: dict = {}
+            start = end = -1
+            for key in sorted(blobs):
+                o, n = key[0], key[1]
+                if group and o <= end + READ_GAP and max(end, o + n) - start <= MAX_READ:
+                    group[key] = blobs[key]
+                    end = max(end, o + n)
+                    continue
+                if group:
+                    reads.append((pack, start, end, group))
+                group, start, end = {key: blobs[key]}, o, o + n
+            if group:
+                reads.append((pack, start, end, group))
+        return reads
+
+    def _load_range(self, pack: str, offset: int, length: int, what: str) -> bytes:
         try:
-            data = self.backend.load(self.object_key(chunk.sha256))
+            data = self.backend.load(pack_key(pack), offset, length)
         except ObjectNotFound:
-            raise IntegrityError(f"{what}: object {chunk.sha256[:16]}… is missing from {self.url}; "
-                                 f"the checkpoint cannot be restored") from None
-        if len(data) != chunk.size or hashlib.sha256(data).hexdigest() != chunk.sha256:
-            raise IntegrityError(f"{what}: object {chunk.sha256[:16]}… in {self.url} is corrupted "
-                                 f"(hash mismatch); refusing to use it")
+            raise IntegrityError(f"{what}: pack {pack[:12]} is missing from {self.url}; "
+                                 f"'stasis repo check' lists what it affects") from None
+        if len(data) != length:
+            raise IntegrityError(f"{what}: pack {pack[:12]} in {self.url} is truncated")
         return data
 
     # ------------------------------------------------------------------ images
 
+    def _image_key(self, image_id: str) -> str:
+        return f"images/{self.sealer.name_of(image_id)}.json"
+
     def image_artifact(self, image_id: str) -> Artifact | None:
-        """The stored archive of an image, if a previous checkpoint shipped it and it is intact."""
-        if not _IMAGE_ID.match(image_id):
+        """The stored archive of an image, if an earlier checkpoint shipped it and it is intact."""
+        if not HEX64.match(image_id):
             return None
+        key = self._image_key(image_id)
         try:
-            artifact = Artifact.from_json(json.loads(self.backend.load(f"images/{image_id}.json")),
-                                          f"images/{image_id}.json")
+            raw = self.sealer.open(self.backend.load(key), key.encode(), key)
+            artifact = Artifact.from_json(json.loads(raw), key)
         except (ObjectNotFound, IntegrityError, ValueError):
             return None
-        for c in artifact.chunks:
-            if not self.backend.exists(self.object_key(c.sha256)):
+        if any(i not in self.index for i, _ in artifact.chunks()):
+            self.refresh_index()
+            if any(i not in self.index for i, _ in artifact.chunks()):
                 return None
         return artifact
 
     def remember_image(self, image_id: str, artifact: Artifact) -> None:
-        if _IMAGE_ID.match(image_id):
-            self.backend.save(f"images/{image_id}.json", json.dumps(artifact.to_json()).encode())
+        if HEX64.match(image_id):
+            key = self._image_key(image_id)
+            self.backend.save(key, self.sealer.seal(json.dumps(artifact.to_json()).encode(), key.encode()))
 
     # ------------------------------------------------------------------ manifests
-
-    def write_manifest(self, manifest: Manifest) -> None:
-        # Every object the manifest names is stored before it: the manifest is the commit point.
-        self.backend.save(f"checkpoints/{manifest.id}.json", manifest.to_bytes())
 
     def read_manifest(self, checkpoint_id: str) -> Manifest:
         ident = self.resolve(checkpoint_id)
@@ -214,7 +424,8 @@ class Repository:
             raw = self.backend.load(f"checkpoints/{ident}.json")
         except ObjectNotFound:
             raise NotFound(f"no checkpoint {checkpoint_id!r} in {self.url}") from None
-        manifest = Manifest.from_bytes(raw, f"checkpoint {ident}")
+        body = self.sealer.open(raw, f"checkpoint:{ident}".encode(), f"checkpoint {ident}")
+        manifest = Manifest.from_bytes(body, f"checkpoint {ident}")
         if manifest.id != ident:
             raise IntegrityError(f"checkpoint {ident}: manifest names itself {manifest.id}; the repository is damaged")
         return manifest
@@ -231,6 +442,12 @@ class Repository:
         for ident in self.checkpoint_ids():
             yield self.read_manifest(ident)
 
+    def remove_checkpoint(self, checkpoint_id: str) -> str:
+        """Forget a checkpoint (its data goes at the next prune)."""
+        ident = self.resolve(checkpoint_id)
+        self.backend.remove(f"checkpoints/{ident}.json")
+        return ident
+
     def resolve(self, prefix: str) -> str:
         """A full checkpoint id from a unique prefix of at least 4 characters (like git)."""
         if not re.match(r"^[0-9a-f]{4,16}$", prefix or ""):
@@ -243,3 +460,94 @@ class Repository:
         if len(matches) > 1:
             raise InvalidArgument(f"checkpoint id {prefix!r} is ambiguous ({len(matches)} match); give more digits")
         return matches[0]
+
+
+class PackWriter:
+    """The write pipeline: groups of chunks -> (hash, dedup, compress, seal) in a pool -> packs ->
+    upload pool. Results are consumed in order, so the artifact lists chunks as they were cut."""
+
+    def __init__(self, repo: Repository, uploads_in_flight: int = 3):
+        self.repo = repo
+        self.encoders = concurrent.futures.ThreadPoolExecutor(repo.workers)
+        self.uploaders = concurrent.futures.ThreadPoolExecutor(uploads_in_flight)
+        self.upload_slots = threading.BoundedSemaphore(uploads_in_flight)
+        self.uploads: list[concurrent.futures.Future] = []
+        self.pack = PackBuilder()
+        self.written: dict[str, dict] = {}   # this writer's packs, for its index file
+        self.pending: set[bytes] = set()     # new chunks already placed in this writer's packs
+
+    def _encode(self, group: list[bytes]):
+        """Hash a group; compress and seal the chunks the repository does not have yet."""
+        chunk_id = self.repo.sealer.chunk_id
+        known = self.repo.index
+        ids = [chunk_id(d) for d in group]
+        members, parts, offset, seen = [], [], 0, set()
+        for cid, data in zip(ids, group, strict=True):
+            if cid in known or cid in seen:
+                continue
+            seen.add(cid)
+            members.append((cid, offset, len(data)))
+            parts.append(data)
+            offset += len(data)
+        blob = encode_blob(self.repo.sealer, b"".join(parts)) if parts else None
+        return [(cid, len(d)) for cid, d in zip(ids, group, strict=True)], members, blob, offset
+
+    def run(self, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
+        """Yield (chunk id, size) for every chunk, in order, while new ones are packed and uploaded."""
+        pending: collections.deque = collections.deque()
+        limit = self.repo.workers * 2
+        group: list[bytes] = []
+        group_bytes = 0
+        for data in chunks:
+            group.append(data)
+            group_bytes += len(data)
+            if len(group) >= GROUP_CHUNKS or group_bytes >= GROUP_BYTES:
+                pending.append(self.encoders.submit(self._encode, group))
+                group, group_bytes = [], 0
+                while pending and (len(pending) >= limit or pending[0].done()):
+                    yield from self._take(pending.popleft().result())
+        if group:
+            pending.append(self.encoders.submit(self._encode, group))
+        while pending:
+            yield from self._take(pending.popleft().result())
+
+    def _take(self, result) -> list[tuple[bytes, int]]:
+        listed, members, blob, plain_length = result
+        if blob is not None:
+            # Another group in flight may have placed the same chunk: list each id once.
+            fresh = [m for m in members if m[0] not in self.pending and m[0] not in self.repo.index]
+            if fresh:
+                self.pending.update(m[0] for m in fresh)
+                self.pack.add(blob, plain_length, fresh)
+                if self.pack.size >= self.repo.config.pack_size:
+                    self._flush()
+        return listed
+
+    def _flush(self) -> None:
+        if not self.pack.blobs:
+            return
+        pack_id, data, table = self.pack.finish(self.repo.sealer)
+        self.pack = PackBuilder()
+        self.written[pack_id] = table
+        self.upload_slots.acquire()   # back-pressure: at most N finished packs wait in memory
+
+        def upload() -> None:
+            try:
+                self.repo.backend.save(pack_key(pack_id), data)
+            finally:
+                self.upload_slots.release()
+        self.uploads.append(self.uploaders.submit(upload))
+        for fut in [f for f in self.uploads if f.done()]:
+            fut.result()   # surface a failed upload early
+
+    def close(self) -> None:
+        """Upload the last pack, wait for every upload, then write this writer's index file."""
+        self._flush()
+        for fut in self.uploads:
+            fut.result()
+        if self.written:
+            self.repo.write_index(self.written)
+
+    def abort(self) -> None:
+        self.encoders.shutdown(wait=True, cancel_futures=True)
+        self.uploaders.shutdown(wait=True, cancel_futures=True)

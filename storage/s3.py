@@ -95,6 +95,9 @@ class S3Backend(Backend):
             return Unavailable(f"S3 endpoint for {self.url} is unreachable ({exc}); check AWS_ENDPOINT_URL")
         return StasisError(f"S3 error on {key}: {exc}")
 
+    def bucket_exists(self) -> bool:
+        return self._bucket_exists()
+
     def _bucket_exists(self) -> bool:
         try:
             self.client.head_bucket(Bucket=self.bucket)

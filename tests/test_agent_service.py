@@ -72,16 +72,24 @@ class FakeRuntime(Runtime):
         self.images.add(IMAGE_ID)
 
 
+PASSWORD = "agent-test"
+
+
+@pytest.fixture(autouse=True)
+def cheap_scrypt(monkeypatch):
+    monkeypatch.setattr("stasis.storage.keys.SCRYPT_N", 1 << 10)
+
+
 @pytest.fixture
 def repo_url(tmp_path):
-    return Repository.init(f"file://{tmp_path}/repo", chunk_size=64 * 1024).url
+    return Repository.init(f"file://{tmp_path}/repo", PASSWORD).url
 
 
 @pytest.fixture
 def agent(tmp_path, repo_url):
     runtime = FakeRuntime()
     runtime.containers["web"] = ContainerInfo("c" * 64, "web", "localhost/x:1", IMAGE_ID, "running")
-    return AgentService("host-a", runtime, str(tmp_path / "work"), repo_url)
+    return AgentService("host-a", runtime, str(tmp_path / "work"), repo_url, PASSWORD)
 
 
 def noop(*_args):
@@ -138,9 +146,11 @@ async def test_missing_image_is_loaded_from_the_checkpoint(agent, repo_url):
 
 async def test_corruption_stops_restore_before_the_runtime(agent, repo_url):
     m = await agent.checkpoint("op1", "web", True, repo_url, "", noop)
-    repo = Repository.open(repo_url)
-    key = repo.object_key(m.checkpoint.chunks[0].sha256)
-    repo.backend.save(key, b"tampered")
+    repo = Repository.open(repo_url, PASSWORD)
+    for info in list(repo.backend.list("packs/")):
+        data = bytearray(repo.backend.load(info.key))
+        data[10] ^= 1
+        repo.backend.save(info.key, bytes(data))
     with pytest.raises(IntegrityError):
         await agent.restore("op2", m.id, repo_url, "copy", noop)
     assert "restore" not in agent.runtime.calls
@@ -153,14 +163,14 @@ async def test_stopped_container_is_refused(agent, repo_url):
 
 
 async def test_only_the_agents_own_repository_is_used(agent, repo_url, tmp_path):
-    other = Repository.init(f"file://{tmp_path}/attacker").url
+    other = Repository.init(f"file://{tmp_path}/attacker", PASSWORD).url
     with pytest.raises(PermissionDenied, match="serves repository"):
         await agent.checkpoint("op1", "web", True, other, "", noop)
     with pytest.raises(PermissionDenied):
         await agent.restore("op2", "0123456789abcdef", other, "x", noop)
     m = await agent.checkpoint("op3", "web", True, "", "", noop)   # empty means the agent's own
     assert m.id
-    fresh = AgentService("host-b", FakeRuntime(), str(tmp_path / "w2"))
+    fresh = AgentService("host-b", FakeRuntime(), str(tmp_path / "w2"), password=PASSWORD)
     with pytest.raises(FailedPrecondition, match="no repository"):
         await fresh.restore("op4", m.id, repo_url, "x", noop)
     fresh.learn_repository(repo_url)

@@ -70,7 +70,8 @@ def test_port_in_use_is_one_line(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         result = subprocess.run([*stasis_argv(), "controller", "serve", "--listen", f"127.0.0.1:{port}",
-                                 "--state", str(tmp_path / "c.db"), "--repo", f"file://{tmp_path}/repo"],
+                                 "--state", str(tmp_path / "c.db"), "--repo", f"file://{tmp_path}/repo",
+                                 "--no-encryption"],
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -80,7 +81,7 @@ def test_port_in_use_is_one_line(tmp_path):
 def test_repo_listing_skips_a_damaged_manifest(tmp_path, capsys):
     from stasis.storage.repository import Repository
 
-    repo = Repository.init(f"file://{tmp_path}/r")
+    repo = Repository.init(f"file://{tmp_path}/r", None, encrypt=False)
     repo.backend.save("checkpoints/0123456789abcdef.json", b"{not json")
     assert main(["repo", "checkpoints", repo.url, "--json"]) == 0
     out = capsys.readouterr()
@@ -92,3 +93,42 @@ def test_mistyped_local_repository_is_not_created(tmp_path, capsys):
     assert main(["repo", "checkpoints", f"file://{tmp_path}/typo"]) == 1
     assert "no stasis repository" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+
+def test_repo_commands_without_a_controller(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setattr("stasis.storage.keys.SCRYPT_N", 1 << 10)
+    monkeypatch.delenv("STASIS_PASSWORD", raising=False)
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse\n")
+    url = f"file://{tmp_path}/repo"
+    assert main(["repo", "init", url, "--password-file", str(pw)]) == 0
+    assert "encrypted" in capsys.readouterr().out
+    # Without a password, one clear line.
+    assert main(["repo", "info", url]) == 1
+    assert "is encrypted: set STASIS_PASSWORD" in capsys.readouterr().err
+    monkeypatch.setenv("STASIS_PASSWORD", "correct horse")
+    assert main(["repo", "info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["encrypted"] is True and info["chunker"]["algorithm"] == "tar-pages"
+    assert main(["repo", "check", url]) == 0
+    assert "no problems" in capsys.readouterr().out
+    assert main(["repo", "prune", url, "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dry_run"] is True
+    monkeypatch.setenv("STASIS_NEW_PASSWORD", "second")
+    assert main(["repo", "key", "add", url]) == 0
+    capsys.readouterr()
+    assert main(["repo", "key", "list", url, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    monkeypatch.setenv("STASIS_PASSWORD", "wrong")
+    assert main(["repo", "info", url]) == 1
+    assert "wrong password" in capsys.readouterr().err
+
+
+def test_unencrypted_repository_says_so(tmp_path, capsys):
+    url = f"file://{tmp_path}/plain"
+    assert main(["repo", "init", url, "--no-encryption"]) == 0
+    assert "NOT encrypted" in capsys.readouterr().out
+    assert main(["repo", "info", url]) == 0
+    assert "NONE" in capsys.readouterr().out

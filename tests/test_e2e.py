@@ -124,24 +124,26 @@ def test_corrupted_object_is_refused_before_criu_runs(cluster):
     _corrupt_one_object(cluster, ckpt)
     result = cluster.cli("restore", ckpt, "--to", "host-b", "--name", web, check=False)
     assert result.returncode != 0
-    assert "corrupted" in one_error_line(result.stderr)
+    assert "failed authentication" in one_error_line(result.stderr)
     # Nothing was handed to podman/CRIU: no container of that name exists on host-b.
     assert web not in [c["Names"][0] for c in b.containers()]
     assert a.status(web)["verified"] in ("never", "ok")   # the source is untouched
 
 
 def _corrupt_one_object(cluster, ckpt: str) -> None:
+    from stasis.storage.pack import pack_key
     from stasis.storage.repository import Repository
 
     env_backup = dict(os.environ)
     os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("AWS_")})
     try:
-        repo = Repository.open(cluster.repo_url)
+        repo = Repository.open(cluster.repo_url, cluster.env["STASIS_PASSWORD"])
         manifest = repo.read_manifest(ckpt)
-        chunk = manifest.checkpoint.chunks[len(manifest.checkpoint.chunks) // 2]
-        key = repo.object_key(chunk.sha256)
+        chunks = list(manifest.checkpoint.chunks())
+        where = repo.index[chunks[len(chunks) // 2][0]]
+        key = pack_key(where.pack)
         data = bytearray(repo.backend.load(key))
-        data[len(data) // 2] ^= 0xFF
+        data[where.blob_offset + where.blob_length // 2] ^= 0xFF   # one byte inside a blob it needs
         repo.backend.save(key, bytes(data))
     finally:
         os.environ.clear()
@@ -215,7 +217,7 @@ def test_failed_restore_rolls_back_and_source_keeps_running(cluster):
 
 
 def test_repository_alone_lists_checkpoints(cluster):
-    env = {k: v for k, v in cluster.env.items() if k.startswith("AWS_")}
+    env = {k: v for k, v in cluster.env.items() if k.startswith("AWS_") or k == "STASIS_PASSWORD"}
     from stasis.testbed.cluster import stasis_argv
     import subprocess
 

@@ -10,36 +10,44 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stasis.errors import IntegrityError
-from stasis.storage.manifest import Artifact, Chunk, ContainerRef, Manifest
+import zstandard
+
+from stasis.storage.manifest import Artifact, ContainerRef, Manifest
 
 GOOD = Manifest(
     id="0123456789abcdef", created="2026-11-29T10:00:00.000Z", host="host-a", runtime="podman",
     runtime_version="4.3.1", criu_version="4.1.1",
     container=ContainerRef("c" * 64, "web", "localhost/x:1", "d" * 64, {"app": "db"}),
-    leave_running=True, checkpoint=Artifact(3, (Chunk("a" * 64, 1), Chunk("b" * 64, 2))),
-    image=Artifact(1, (Chunk("f" * 64, 1),)), timings={"dump": 1.25}, criu_stats={"frozen_time": 10})
+    leave_running=True, checkpoint=Artifact.build([(b"a" * 32, 1), (b"b" * 32, 2)]),
+    image=Artifact.build([(b"f" * 32, 1)]), timings={"dump": 1.25}, criu_stats={"frozen_time": 10})
 
 
 def test_roundtrip():
     assert Manifest.from_bytes(GOOD.to_bytes()) == GOOD
 
 
+def raw(doc) -> bytes:
+    return zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
+
+
 def mutate(path: list, value):
-    doc = json.loads(GOOD.to_bytes())
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(GOOD.to_bytes()))
     target = doc
     for p in path[:-1]:
         target = target[p]
     target[path[-1]] = value
-    return json.dumps(doc).encode()
+    return raw(doc)
 
 
 @pytest.mark.parametrize("path,value,problem", [
-    (["version"], 2, "upgrade stasis"),
+    (["version"], 3, "upgrade stasis"),
     (["format"], "other", "format"),
     (["id"], "../../etc/passwd", "malformed"),
-    (["artifacts", "checkpoint", "chunks", 0, 0], "../../../etc/shadow", "sha256"),
-    (["artifacts", "checkpoint", "chunks", 0, 1], -5, "non-negative"),
+    (["artifacts", "checkpoint", "ids"], "../../../etc/shadow", "malformed"),
+    (["artifacts", "checkpoint", "sizes", 0, 0], -5, "non-negative"),
+    (["artifacts", "checkpoint", "sizes", 0, 1], 7, "do not match the ids"),
     (["artifacts", "checkpoint", "size"], 999, "sum of its chunks"),
+    (["container", "image_id"], "-h", "64-hex"),
     (["container", "labels"], {"a": 1}, "strings"),
     (["timings", "dump"], "slow", "number"),
     (["container"], None, "object"),
@@ -52,6 +60,8 @@ def test_damaged_fields_are_named(path, value, problem):
 def test_not_json_is_damage():
     with pytest.raises(IntegrityError, match="not valid JSON"):
         Manifest.from_bytes(b"\xff\x00garbage")
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        Manifest.from_bytes(raw("not json")[:-3])
 
 
 @settings(max_examples=300, deadline=None)
@@ -61,7 +71,7 @@ def test_not_json_is_damage():
                     max_leaves=20))
 def test_arbitrary_json_never_crashes(doc):
     try:
-        Manifest.from_bytes(json.dumps(doc).encode())
+        Manifest.from_bytes(raw(doc))
     except IntegrityError:
         pass
 

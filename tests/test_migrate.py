@@ -16,7 +16,6 @@ from stasis.controller.service import ControllerService
 from stasis.controller.store import Store
 from stasis.errors import NotFound, RuntimeFailure
 from stasis.proto.v1 import stasis_pb2 as pb
-from stasis.storage.memory import MemoryBackend
 from stasis.storage.repository import Repository
 
 
@@ -68,9 +67,8 @@ class FakeAgent:
 
 @pytest.fixture
 def service(tmp_path):
-    backend = MemoryBackend()
-    backend.save("config", b'{"format": "stasis-repository", "version": 1, "chunk_size": 65536}')
-    return ControllerService(Store(str(tmp_path / "c.db")), Repository.open("memory://t", backend))
+    repo = Repository.init(f"memory://{tmp_path.name}", None, encrypt=False)
+    return ControllerService(Store(str(tmp_path / "c.db")), repo)
 
 
 async def migrate(service, src, dst):

@@ -107,7 +107,8 @@ class Cluster:
     def __init__(self, base: str, repo_url: str, env: dict[str, str] | None = None, heartbeat: float = 1.0):
         self.base = base
         self.repo_url = repo_url
-        self.env = {**os.environ, **(env or {})}
+        # Every cluster's repository is encrypted, with a password of its own.
+        self.env = {**os.environ, "STASIS_PASSWORD": f"testbed-{os.urandom(8).hex()}", **(env or {})}
         self.heartbeat = heartbeat
         self.controller: subprocess.Popen | None = None
         self.controller_port = 0
