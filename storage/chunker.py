@@ -11,6 +11,7 @@ store 9.5 % new bytes per checkpoint, 64 KiB chunks 57 %, FastCDC (64 KiB-1 MiB)
 
 from __future__ import annotations
 
+import os
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
@@ -47,18 +48,22 @@ class ChunkerParams:
         return {"algorithm": self.algorithm, "size": self.size}
 
 
-def cut_file(path: str, params: ChunkerParams) -> Iterator[bytes]:
-    """Yield the file's chunks in order, reading it as a stream (memory stays bounded)."""
+def pieces(path: str, params: ChunkerParams) -> Iterator[tuple[int, int]]:
+    """(start, end) of every chunk of the file, in order. The bytes are read by whoever hashes
+    them: planning a tar's cuts needs only its headers."""
     if params.algorithm == "fastcdc":
-        with open(path, "rb", buffering=0) as f:
-            for chunk in FastCDC(params.size, min_size=params.min, max_size=params.max).cut_stream(f):
-                yield bytes(chunk.data)   # cut_stream reuses its buffer
+        cdc = FastCDC(params.size, min_size=params.min, max_size=params.max)
+        for chunk in cdc.cut_file(path):   # mmap-backed: nothing is copied here
+            yield chunk.offset, chunk.offset + chunk.length
         return
-    with open(path, "rb", buffering=1 << 20) as f:
-        f.seek(0, 2)
-        total = f.tell()
-        f.seek(0)
-        for start, end in _pieces(total, tar_boundaries(path), params.size):
+    yield from _pieces(os.path.getsize(path), tar_boundaries(path), params.size)
+
+
+def cut_file(path: str, params: ChunkerParams) -> Iterator[bytes]:
+    """The file's chunks as bytes, in order (for tests and tools; the repository reads by pieces)."""
+    with open(path, "rb") as f:
+        for start, end in pieces(path, params):
+            f.seek(start)
             yield f.read(end - start)
 
 

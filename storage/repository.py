@@ -29,7 +29,7 @@ from stasis.errors import FailedPrecondition, IntegrityError, InvalidArgument, N
 from stasis.storage import keys as keyfiles
 from stasis.storage.backend import Backend, ObjectNotFound, open_backend
 from stasis.storage.chunker import DEFAULT as DEFAULT_CHUNKER
-from stasis.storage.chunker import ChunkerParams, cut_file
+from stasis.storage.chunker import ChunkerParams, pieces
 from stasis.storage.crypto import AeadSealer, Sealer
 from stasis.storage.locks import Lock
 from stasis.storage.manifest import CHECKPOINT_ID, Artifact, Manifest
@@ -67,11 +67,15 @@ class RepoConfig:
 
 
 class Repository:
-    def __init__(self, backend: Backend, sealer: Sealer, config: RepoConfig, workers: int = 8):
+    def __init__(self, backend: Backend, sealer: Sealer, config: RepoConfig, workers: int | None = None,
+                 io_workers: int = 4):
         self.backend = backend
         self.sealer = sealer
         self.config = config
-        self.workers = workers
+        # Hashing, compression and sealing hold the GIL for part of each call: more threads than
+        # cores only add contention (measured: 8 threads were 1.5-2x slower than 2 on 2 cores).
+        self.workers = workers or max(2, os.cpu_count() or 2)
+        self.io_workers = io_workers   # ranged GETs in flight while reading
         self.index: dict[bytes, Location] = {}
         self.packs: dict[str, int] = {}
         self.loaded_indexes: set[str] = set()
@@ -268,21 +272,29 @@ class Repository:
                    media_type: str = "application/x-tar") -> Artifact:
         """Store a file as chunks (new ones grouped, compressed, sealed, packed); return its artifact."""
         writer = PackWriter(self)
-        chunks: list[tuple[bytes, int]] = []
+        ids = bytearray()            # 32 bytes a chunk: 8 MiB for a 1 GiB archive
+        runs: list[list[int]] = []   # chunk sizes, run-length encoded
         total = os.path.getsize(path)
         done = 0
+        fd = os.open(path, os.O_RDONLY)
         try:
-            for chunk_id, size in writer.run(cut_file(path, self.config.chunker)):
-                chunks.append((chunk_id, size))
-                done += size
-                if progress and (done == total or len(chunks) % 1024 == 0):
+            for listed in writer.run(fd, pieces(path, self.config.chunker)):
+                for chunk_id, size in listed:
+                    ids += chunk_id
+                    done += size
+                    if runs and runs[-1][0] == size:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([size, 1])
+                if progress:
                     progress(done, total)
             writer.close()
         finally:
             writer.abort()
+            os.close(fd)
         if progress:
             progress(total, total)
-        return Artifact.build(chunks, media_type)
+        return Artifact(done, bytes(ids), tuple((s, n) for s, n in runs), media_type)
 
     def write_manifest(self, manifest: Manifest) -> None:
         # Every chunk the manifest names is in an index before it: the manifest is the commit point.
@@ -300,11 +312,10 @@ class Repository:
         """Write an artifact to `path`; every chunk is authenticated and re-hashed before it is written."""
         if any(i not in self.index for i, _ in artifact.chunks()):
             self.refresh_index()
-        reads = self._plan_reads(artifact, what)
         done = 0
         lock = threading.Lock()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        pool = concurrent.futures.ThreadPoolExecutor(self.workers)
+        pool = concurrent.futures.ThreadPoolExecutor(self.io_workers)
         try:
             def run(read: tuple[str, int, int, dict]) -> None:
                 nonlocal done
@@ -321,48 +332,70 @@ class Repository:
                     if progress:
                         progress(done, artifact.size)
 
-            futures = [pool.submit(run, r) for r in reads]
-            for fut in concurrent.futures.as_completed(futures):
-                fut.result()   # the first failure raises; the rest are cancelled below
+            # The plan is made a window at a time, so its size stays bounded however big the artifact.
+            for window in self._windows(artifact):
+                futures = [pool.submit(run, r) for r in self._plan_reads(window, what)]
+                for fut in concurrent.futures.as_completed(futures):
+                    fut.result()   # the first failure raises; the rest are cancelled below
             os.ftruncate(fd, artifact.size)
             os.fsync(fd)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
 
+    WINDOW = 16384   # chunks planned at once (64 MiB of 4 KiB chunks)
+
+    def _windows(self, artifact: Artifact) -> Iterator[list[tuple[int, bytes, int]]]:
+        window: list[tuple[int, bytes, int]] = []
+        offset = 0
+        for chunk_id, size in artifact.chunks():
+            window.append((offset, chunk_id, size))
+            offset += size
+            if len(window) >= self.WINDOW:
+                yield window
+                window = []
+        if window:
+            yield window
+
     def _write_uses(self, fd: int, plain: bytes, uses: list[tuple[int, int, int, bytes]], label: str) -> int:
         """Verify each chunk taken from a blob, then write runs that are contiguous in both at once."""
         uses.sort()
         written = 0
+        # A chunk used many times (zero pages) is hashed once; zero chunks are not written at all:
+        # the file is truncated to its size at the end, and holes read back as zeros.
+        zero: dict[tuple[int, bytes], bool] = {}
         run_file = run_plain = run_len = -1
         for file_offset, offset, length, chunk_id in uses:
-            piece = plain[offset:offset + length]
-            if self.sealer.chunk_id(piece) != chunk_id:
-                raise IntegrityError(f"{label}: chunk {chunk_id.hex()[:12]} does not match its id: it is damaged")
+            key = (offset, chunk_id)
+            if key not in zero:
+                piece = plain[offset:offset + length]
+                if self.sealer.chunk_id(piece) != chunk_id:
+                    raise IntegrityError(f"{label}: chunk {chunk_id.hex()[:12]} does not match its id: "
+                                         f"it is damaged")
+                zero[key] = piece.count(0) == length
+            written += length
+            if zero[key]:
+                continue
             if run_len >= 0 and file_offset == run_file + run_len and offset == run_plain + run_len:
                 run_len += length
                 continue
             if run_len > 0:
                 os.pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
-                written += run_len
             run_file, run_plain, run_len = file_offset, offset, length
         if run_len > 0:
             os.pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
-            written += run_len
         return written
 
-    def _plan_reads(self, artifact: Artifact, what: str) -> list[tuple[str, int, int, dict]]:
+    def _plan_reads(self, window: list[tuple[int, bytes, int]], what: str) -> list[tuple[str, int, int, dict]]:
         """Group chunks by blob, and blobs of a pack into ranged reads of at most MAX_READ."""
         by_pack: dict[str, dict] = collections.defaultdict(lambda: collections.defaultdict(list))
-        file_offset = 0
-        for chunk_id, size in artifact.chunks():
+        for file_offset, chunk_id, size in window:
             where = self.index.get(chunk_id)
             if where is None or where.length != size:
                 raise IntegrityError(f"{what}: chunk {chunk_id.hex()[:12]} is in no index of {self.url}; "
                                      f"the repository lost data ('stasis repo check' tells what)")
             by_pack[where.pack][(where.blob_offset, where.blob_length, where.blob_plain)].append(
                 (file_offset, where.offset, size, chunk_id))
-            file_offset += size
         reads = []
         for pack, blobs in by_pack.items():
             group: dict = {}
@@ -466,7 +499,7 @@ class PackWriter:
     """The write pipeline: groups of chunks -> (hash, dedup, compress, seal) in a pool -> packs ->
     upload pool. Results are consumed in order, so the artifact lists chunks as they were cut."""
 
-    def __init__(self, repo: Repository, uploads_in_flight: int = 3):
+    def __init__(self, repo: Repository, uploads_in_flight: int = 2):
         self.repo = repo
         self.encoders = concurrent.futures.ThreadPoolExecutor(repo.workers)
         self.uploaders = concurrent.futures.ThreadPoolExecutor(uploads_in_flight)
@@ -476,8 +509,13 @@ class PackWriter:
         self.written: dict[str, dict] = {}   # this writer's packs, for its index file
         self.pending: set[bytes] = set()     # new chunks already placed in this writer's packs
 
-    def _encode(self, group: list[bytes]):
-        """Hash a group; compress and seal the chunks the repository does not have yet."""
+    def _encode(self, fd: int, group: list[tuple[int, int]]):
+        """Read and hash a run of chunks; compress and seal those the repository does not have."""
+        base, end = group[0][0], group[-1][1]
+        span = os.pread(fd, end - base, base)
+        if len(span) != end - base:
+            raise StasisError("the file changed size while it was being stored")
+        group = [span[s - base:e - base] for s, e in group]
         chunk_id = self.repo.sealer.chunk_id
         known = self.repo.index
         ids = [chunk_id(d) for d in group]
@@ -492,24 +530,23 @@ class PackWriter:
         blob = encode_blob(self.repo.sealer, b"".join(parts)) if parts else None
         return [(cid, len(d)) for cid, d in zip(ids, group, strict=True)], members, blob, offset
 
-    def run(self, chunks: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
-        """Yield (chunk id, size) for every chunk, in order, while new ones are packed and uploaded."""
+    def run(self, fd: int, cuts: Iterator[tuple[int, int]]) -> Iterator[list[tuple[bytes, int]]]:
+        """Yield the (chunk id, size) of every chunk, in order and a group at a time, while new
+        chunks are packed and uploaded. Workers read their own bytes (pread): this thread only plans."""
         pending: collections.deque = collections.deque()
-        limit = self.repo.workers * 2
-        group: list[bytes] = []
-        group_bytes = 0
-        for data in chunks:
-            group.append(data)
-            group_bytes += len(data)
-            if len(group) >= GROUP_CHUNKS or group_bytes >= GROUP_BYTES:
-                pending.append(self.encoders.submit(self._encode, group))
-                group, group_bytes = [], 0
+        limit = self.repo.workers * 4
+        group: list[tuple[int, int]] = []
+        for start, end in cuts:
+            group.append((start, end))
+            if len(group) >= GROUP_CHUNKS or end - group[0][0] >= GROUP_BYTES:
+                pending.append(self.encoders.submit(self._encode, fd, group))
+                group = []
                 while pending and (len(pending) >= limit or pending[0].done()):
-                    yield from self._take(pending.popleft().result())
+                    yield self._take(pending.popleft().result())
         if group:
-            pending.append(self.encoders.submit(self._encode, group))
+            pending.append(self.encoders.submit(self._encode, fd, group))
         while pending:
-            yield from self._take(pending.popleft().result())
+            yield self._take(pending.popleft().result())
 
     def _take(self, result) -> list[tuple[bytes, int]]:
         listed, members, blob, plain_length = result

@@ -22,7 +22,9 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from stasis.errors import FailedPrecondition, InvalidArgument, StasisError, Unavailable
 from stasis.storage.backend import Backend, ObjectInfo, ObjectNotFound, check_key
 
-MULTIPART_THRESHOLD = 8 * 1024 * 1024
+# Packs (32 MiB) go up as single PUTs: multipart would buffer every part again in memory. Larger
+# objects use multipart.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                     "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "503", "500"}
 

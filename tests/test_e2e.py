@@ -121,8 +121,11 @@ def test_corrupted_object_is_refused_before_criu_runs(cluster):
     web = name("bad")
     a.run_workload(web, MIB)
     ckpt = cluster.cli("checkpoint", f"host-a/{web}", "--leave-running").stdout.strip()
-    _corrupt_one_object(cluster, ckpt)
-    result = cluster.cli("restore", ckpt, "--to", "host-b", "--name", web, check=False)
+    undo = _corrupt_one_object(cluster, ckpt)
+    try:
+        result = cluster.cli("restore", ckpt, "--to", "host-b", "--name", web, check=False)
+    finally:
+        undo()   # later tests check the whole repository
     assert result.returncode != 0
     assert "failed authentication" in one_error_line(result.stderr)
     # Nothing was handed to podman/CRIU: no container of that name exists on host-b.
@@ -130,7 +133,7 @@ def test_corrupted_object_is_refused_before_criu_runs(cluster):
     assert a.status(web)["verified"] in ("never", "ok")   # the source is untouched
 
 
-def _corrupt_one_object(cluster, ckpt: str) -> None:
+def _corrupt_one_object(cluster, ckpt: str):
     from stasis.storage.pack import pack_key
     from stasis.storage.repository import Repository
 
@@ -142,12 +145,23 @@ def _corrupt_one_object(cluster, ckpt: str) -> None:
         chunks = list(manifest.checkpoint.chunks())
         where = repo.index[chunks[len(chunks) // 2][0]]
         key = pack_key(where.pack)
-        data = bytearray(repo.backend.load(key))
+        original = repo.backend.load(key)
+        data = bytearray(original)
         data[where.blob_offset + where.blob_length // 2] ^= 0xFF   # one byte inside a blob it needs
         repo.backend.save(key, bytes(data))
     finally:
         os.environ.clear()
         os.environ.update(env_backup)
+
+    def undo() -> None:
+        saved = dict(os.environ)
+        os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("AWS_")})
+        try:
+            repo.backend.save(key, original)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return undo
 
 
 def test_unknown_names_give_one_clear_line(cluster):
@@ -226,6 +240,39 @@ def test_repository_alone_lists_checkpoints(cluster):
     from_repo = {c["id"] for c in json.loads(out)}
     from_controller = {c["id"] for c in cluster.cli_json("checkpoints")}
     assert from_controller and from_controller <= from_repo
+
+
+def repo_cli(cluster, *args: str):
+    """`stasis repo ...` on the cluster's repository, without the controller, as a user would."""
+    import subprocess
+
+    from stasis.testbed.cluster import stasis_argv
+
+    env = {k: v for k, v in cluster.env.items() if k.startswith("AWS_") or k == "STASIS_PASSWORD"}
+    result = subprocess.run([*stasis_argv(), "repo", args[0], cluster.repo_url, *args[1:], "--json"],
+                            capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_encrypted_repository_dedups_successive_checkpoints_and_checks_clean(cluster):
+    a = cluster.hosts["host-a"]
+    web = name("dedup")
+    a.run_workload(web, MIB, compressible_percent=50)
+    first = cluster.cli("checkpoint", f"host-a/{web}", "--leave-running").stdout.strip()
+    a.mutate_memory(web)   # 5 % of the pages change between the two
+    second = cluster.cli("checkpoint", f"host-a/{web}", "--leave-running").stdout.strip()
+    s1, s2 = repo_cli(cluster, "stats", first), repo_cli(cluster, "stats", second)
+    assert s2["new_bytes"] < 0.2 * s2["logical_bytes"], s2
+    assert s2["new_stored_bytes"] < 0.25 * s1["stored_bytes"], (s1, s2)
+    info = repo_cli(cluster, "info")
+    assert info["encrypted"] is True and info["dedup_ratio"] > 1.5
+    report = repo_cli(cluster, "check", "--read-data")
+    assert report["ok"], report["problems"]
+    # Both points restore, and the second has the rewritten memory.
+    copy = name("second")
+    cluster.cli("restore", second, "--to", "host-b", "--name", copy)
+    assert cluster.hosts["host-b"].verify_memory(copy)["mutations"] == "1"
 
 
 def test_controller_rebuilds_catalog_from_repository(cluster):
