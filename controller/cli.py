@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
         r = rsub.add_parser(name, help=help, description=help, parents=[common])
         for arg, kw in before_url:
             r.add_argument(arg, **kw)
-        r.add_argument("url", metavar="REPO_URL", help="file:///path or s3://bucket/prefix")
+        r.add_argument("url", metavar="REPO_URL", nargs="?", default=os.environ.get("STASIS_REPOSITORY"),
+                       help="file:///path or s3://bucket/prefix (default: $STASIS_REPOSITORY)")
         r.add_argument("--password-file", help="file holding the password (default: $STASIS_PASSWORD)")
         r.set_defaults(fn=fn, daemon=True)
         return r
@@ -620,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "repo_command", None) and args.url and "://" not in args.url and hasattr(args, "checkpoints"):
+            # `stasis repo forget ID...` with STASIS_REPOSITORY set: the first word was an id.
+            args.checkpoints.insert(0, args.url)
+            args.url = os.environ.get("STASIS_REPOSITORY")
+        if getattr(args, "repo_command", None) and not args.url:
+            raise InvalidArgument("name the repository: stasis repo COMMAND REPO_URL, or set STASIS_REPOSITORY")
         if getattr(args, "daemon", False):
             return args.fn(args)
         client = Client(args.controller)

@@ -478,7 +478,10 @@ class Repository:
     def remove_checkpoint(self, checkpoint_id: str) -> str:
         """Forget a checkpoint (its data goes at the next prune)."""
         ident = self.resolve(checkpoint_id)
-        self.backend.remove(f"checkpoints/{ident}.json")
+        try:
+            self.backend.remove(f"checkpoints/{ident}.json")
+        except ObjectNotFound:
+            raise NotFound(f"no checkpoint {checkpoint_id!r} in {self.url}") from None
         return ident
 
     def resolve(self, prefix: str) -> str:

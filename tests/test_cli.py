@@ -132,3 +132,16 @@ def test_unencrypted_repository_says_so(tmp_path, capsys):
     assert "NOT encrypted" in capsys.readouterr().out
     assert main(["repo", "info", url]) == 0
     assert "NONE" in capsys.readouterr().out
+
+
+def test_repository_from_environment(tmp_path, capsys, monkeypatch):
+    url = f"file://{tmp_path}/env-repo"
+    monkeypatch.setenv("STASIS_REPOSITORY", url)
+    assert main(["repo", "init", "--no-encryption"]) == 0
+    assert main(["repo", "info", "--json"]) == 0
+    assert url.split("://")[1] in capsys.readouterr().out
+    assert main(["repo", "forget", "0123456789abcdef"]) == 1     # parsed as an id, not a URL
+    assert "no checkpoint" in capsys.readouterr().err
+    monkeypatch.delenv("STASIS_REPOSITORY")
+    assert main(["repo", "info"]) == 2
+    assert "set STASIS_REPOSITORY" in capsys.readouterr().err
