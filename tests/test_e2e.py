@@ -266,7 +266,7 @@ def test_encrypted_repository_dedups_successive_checkpoints_and_checks_clean(clu
     assert s2["new_bytes"] < 0.2 * s2["logical_bytes"], s2
     assert s2["new_stored_bytes"] < 0.25 * s1["stored_bytes"], (s1, s2)
     info = repo_cli(cluster, "info")
-    assert info["encrypted"] is True and info["dedup_ratio"] > 1.5
+    assert info["encrypted"] is True and info["dedup_ratio"] > 1.0 and info["checkpoints"] >= 2
     report = repo_cli(cluster, "check", "--read-data")
     assert report["ok"], report["problems"]
     # Both points restore, and the second has the rewritten memory.
