@@ -102,6 +102,7 @@ async def _register_loop(service: AgentService, controller: str, advertise: str)
                         name=service.host_name, address=advertise, info=info), timeout=10)
                     registered, delay = True, max(reply.heartbeat_seconds, 0.5)
                     service.learn_repository(reply.repository)
+                    asyncio.ensure_future(service.warm_up())
                     log.info("registered with controller", controller=controller, host=service.host_name)
                 else:
                     reply = await stub.Heartbeat(pb.HeartbeatRequest(name=service.host_name), timeout=5)
@@ -127,6 +128,7 @@ async def serve(service: AgentService, listen: str, controller: str | None, adve
     address = advertise or listen
     log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid())
     tasks = [asyncio.ensure_future(_register_loop(service, controller, address))] if controller else []
+    tasks.append(asyncio.ensure_future(service.warm_up()))
     try:
         await server.wait_for_termination()
     finally:

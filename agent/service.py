@@ -107,6 +107,15 @@ class AgentService:
                                    f"not {requested}")
         return self.repository
 
+    async def warm_up(self) -> None:
+        """Open the repository ahead of the first checkpoint or restore: unwrapping its key and
+        loading its index would otherwise count as downtime in the first migration."""
+        if self.repository and self.repository not in self._repos:
+            try:
+                await self._open("")
+            except StasisError as exc:
+                log.warning("cannot open the repository yet", repository=self.repository, error=exc.message)
+
     async def _open(self, requested: str) -> Repository:
         """The agent's repository, opened once (unwrapping its key costs a deliberate scrypt)."""
         url = self._repository_url(requested)

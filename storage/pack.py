@@ -91,7 +91,7 @@ class PackBuilder:
         """The pack's bytes: blobs, then a sealed trailer describing them (an index can be rebuilt)."""
         table = {**self.table(self.size), "ids": _b64(self.ids)}
         trailer = sealer.seal(zstandard.ZstdCompressor().compress(json.dumps(table).encode()), b"pack")
-        data = b"".join(self.parts) + trailer + struct.pack(">I", len(trailer))
+        data = b"".join([*self.parts, trailer, struct.pack(">I", len(trailer))])   # one copy, not two
         return content_hash(data), data, self.table(len(data))
 
 

@@ -60,6 +60,9 @@ class S3Backend(Backend):
             "s3", config=botocore.config.Config(
                 retries={"total_max_attempts": 1},  # tenacity decides what is worth retrying
                 max_pool_connections=32, connect_timeout=5, read_timeout=60,
+                # Every stored object is hashed and (when encrypted) authenticated by the repository
+                # itself; an extra CRC32 of each 32 MiB pack only costs CPU.
+                request_checksum_calculation="when_required", response_checksum_validation="when_required",
                 s3={"addressing_style": "path"}))
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD,
