@@ -53,7 +53,15 @@ async def probe(host_name: str, runtime: Runtime, work_dir: str) -> dict:
     except Exception:  # noqa: BLE001 - a broken engine is reported as absent, not a crash
         runtime_version = ""
     os.makedirs(work_dir, exist_ok=True)
+    engine: dict = {}
+    if hasattr(runtime, "engine_info"):
+        try:
+            engine = await asyncio.to_thread(runtime.engine_info)
+        except Exception:  # noqa: BLE001 - an unreachable engine is reported as absent
+            engine = {}
     return {
+        "engine_api_version": engine.get("engine_api_version", ""),
+        "engine_experimental": bool(engine.get("engine_experimental", False)),
         "name": host_name, "agent_version": __version__, "kernel": platform.release(),
         "arch": platform.machine(), "runtime": runtime.name, "runtime_version": runtime_version,
         "criu_version": version, "criu_features": features, "cpu_flags": cpu_flags(),

@@ -161,7 +161,9 @@ class AgentService:
         image_task = None
         try:
             # The image is immutable: ship it while CRIU dumps, so it adds nothing to downtime.
-            image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings))
+            # (Docker's archive carries a commit of the container, base layers included.)
+            if not getattr(self.runtime, "archive_includes_image", False):
+                image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings))
             emit("dump", f"dumping {info.name} with CRIU", 0, 0)
             archive = os.path.join(stage, "checkpoint.tar")
             stats = await self.runtime.checkpoint(info.name, archive, leave_running)
@@ -176,7 +178,7 @@ class AgentService:
             artifact = await asyncio.to_thread(
                 repo.store_file, archive, lambda d, t: emit("upload", "", d, t))
             timings["upload"] = time.monotonic() - started
-            image = await image_task
+            image = await image_task if image_task is not None else None
             manifest = Manifest(
                 id=ckpt_id, created=now_rfc3339(), host=self.host_name, runtime=self.runtime.name,
                 runtime_version=runtime_version, criu_version=criu, operation_id=op_id,
@@ -233,8 +235,9 @@ class AgentService:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
                                      f"this host runs {self.runtime.name}")
         name = check_name(name or manifest.container.name)
-        taken, have_image = await asyncio.gather(self._exists(name),
-                                                 self.runtime.image_exists(manifest.container.image_id))
+        in_archive = getattr(self.runtime, "archive_includes_image", False)
+        taken, have_image = await asyncio.gather(
+            self._exists(name), _true() if in_archive else self.runtime.image_exists(manifest.container.image_id))
         if taken:
             raise AlreadyExists(f"a container named {name!r} already exists on {self.host_name}; "
                                 f"restore under another name with --name")
@@ -300,3 +303,7 @@ class AgentService:
             raise RuntimeFailure(f"image {manifest.container.image} loaded but id "
                                  f"{manifest.container.image_id[:12]} is absent")
         timings["image_load"] = time.monotonic() - started
+
+
+async def _true() -> bool:
+    return True

@@ -470,18 +470,39 @@ def cmd_controller_serve(args) -> int:
 
 def cmd_agent_serve(args) -> int:
     from stasis import logs
-    from stasis.agent.podman import PodmanRuntime
     from stasis.agent.server import serve
     from stasis.agent.service import AgentService
 
     logs.configure()
     if os.geteuid() != 0:
         raise StasisError("the agent must run as root: CRIU needs it to dump and restore processes")
-    if args.runtime != "podman":
-        raise InvalidArgument(f"runtime {args.runtime!r} is not supported yet; use podman")
+    runtime = _runtime(args)
     work_dir = args.work_dir or f"/var/lib/stasis/agent/{args.host_name}"
-    service = AgentService(args.host_name, PodmanRuntime(), work_dir, args.repo or "", _password(args))
+    service = AgentService(args.host_name, runtime, work_dir, args.repo or "", _password(args))
     return _run_daemon(serve(service, args.listen, args.controller, args.advertise))
+
+
+def _runtime(args):
+    """podman or docker; `auto` picks the one engine present and refuses to guess between two."""
+    import shutil
+
+    from stasis.agent.docker import DockerRuntime, _reachable
+    from stasis.agent.podman import PodmanRuntime
+
+    docker_host = args.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    choice = args.runtime
+    if choice == "auto":
+        found = [n for n, ok in (("podman", shutil.which("podman")), ("docker", _reachable(docker_host)
+                                                                       and docker_host != "")) if ok]
+        if len(found) != 1:
+            raise InvalidArgument(f"found {' and '.join(found) or 'no container engine'}: choose one with "
+                                  f"--runtime podman|docker")
+        choice = found[0]
+    if choice == "podman":
+        return PodmanRuntime()
+    runtime = DockerRuntime(docker_host)
+    runtime.require_experimental()
+    return runtime
 
 
 def _run_daemon(coro) -> int:
@@ -543,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host-name", required=True, help="this host's name in stasis (e.g. host-a)")
     s.add_argument("--advertise", help="address the controller should dial (default: --listen)")
     s.add_argument("--work-dir", help="where checkpoints are staged (default /var/lib/stasis/agent/HOST)")
-    s.add_argument("--runtime", default="podman", choices=["podman"], help="container engine")
+    s.add_argument("--runtime", default="auto", choices=["auto", "podman", "docker"],
+                   help="container engine (default: the one present)")
+    s.add_argument("--docker-host", help="docker engine socket (default: $DOCKER_HOST or /var/run/docker.sock)")
     s.add_argument("--repo", help="the only repository this agent uses (default: the controller's, "
                                   "learnt at registration)")
     s.add_argument("--password-file", help="repository password (default: $STASIS_PASSWORD)")

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=int(os.environ.get("STASIS_DEMO_MIB", "256")))
     parser.add_argument("--repo", choices=["s3", "file"], default=os.environ.get("STASIS_DEMO_REPO", "s3"))
+    parser.add_argument("--runtime", choices=["podman", "docker"],
+                        default=os.environ.get("STASIS_DEMO_RUNTIME", "podman"),
+                        help="engine of both hosts (docker: each host runs its own dockerd)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("demo: must run as root (CRIU and mount namespaces need it)", file=sys.stderr)
@@ -53,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"S3 endpoint {seaweed.endpoint}, repository {repo}")
         else:
             repo, env = f"file://{base}/repo", {}
-        step("starting a controller and two agents, each host in its own mount namespace")
+        step(f"starting a controller and two {args.runtime} hosts, each with its own container store")
         cluster = Cluster(base, repo, env)
         cluster.start_controller()
-        a, b = cluster.add_host("host-a"), cluster.add_host("host-b")
+        a, b = cluster.add_host("host-a", runtime=args.runtime), cluster.add_host("host-b", runtime=args.runtime)
         cluster.wait_hosts_up(["host-a", "host-b"])
         shell(cluster, "hosts")
 
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         shell(cluster, "ps")
         before = a.status("web")
         print(f"web on host-a: nonce={before['nonce']} counter={before['counter']} "
-              f"(host-b has the image: {b.podman('image', 'exists', WORKLOAD_IMAGE, check=False).returncode == 0})")
+              f"(host-b has the image: {b.podman('image', 'inspect', WORKLOAD_IMAGE, check=False).returncode == 0})")
 
         step("migrating host-a/web to host-b")
         started = time.monotonic()
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"  {k:<{width}}  {v:8.3f}")
-        print(json.dumps({"demo_mib": args.mib, "downtime_seconds": job["downtime_seconds"],
+        print(json.dumps({"demo_mib": args.mib, "runtime": args.runtime, "downtime_seconds": job["downtime_seconds"],
                           "timings": t, "memory_intact": ok}))
         if not ok:
             print("demo: FAILED: state did not survive", file=sys.stderr)

@@ -81,3 +81,25 @@ def cluster(request, real_stack, tmp_path_factory):
     finally:
         c.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def docker_cluster(real_stack):
+    """A controller, two docker hosts (each its own dockerd) and one podman host."""
+    from stasis.testbed.cluster import Cluster
+
+    require(shutil.which("dockerd") is not None, "dockerd is not installed: run 'make provision'")
+    require(shutil.which("docker") is not None, "the docker client is not installed: run 'make provision'")
+    base = tempfile.mkdtemp(prefix="stasis-e2e-docker-", dir="/var/tmp")
+    c = Cluster(base, f"file://{base}/repo")
+    try:
+        c.start_controller()
+        a = c.add_host("dock-a", runtime="docker")
+        c.add_host("dock-b", runtime="docker")
+        c.add_host("pod-c", runtime="podman")
+        c.wait_hosts_up(["dock-a", "dock-b", "pod-c"])
+        a.import_image("localhost/stasis-memhold:1")
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)

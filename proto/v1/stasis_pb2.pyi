@@ -54,7 +54,7 @@ class Container(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., state: _Optional[str] = ..., host: _Optional[str] = ..., created: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HostInfo(_message.Message):
-    __slots__ = ("name", "agent_version", "kernel", "arch", "runtime", "runtime_version", "criu_version", "criu_features", "cpu_flags", "work_free_bytes", "pre_copy_possible")
+    __slots__ = ("name", "agent_version", "kernel", "arch", "runtime", "runtime_version", "criu_version", "criu_features", "cpu_flags", "work_free_bytes", "pre_copy_possible", "engine_api_version", "engine_experimental")
     class CriuFeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class HostInfo(_message.Message):
     CPU_FLAGS_FIELD_NUMBER: _ClassVar[int]
     WORK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRE_COPY_POSSIBLE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_EXPERIMENTAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     agent_version: str
     kernel: str
@@ -84,7 +86,9 @@ class HostInfo(_message.Message):
     cpu_flags: _containers.RepeatedScalarFieldContainer[str]
     work_free_bytes: int
     pre_copy_possible: bool
-    def __init__(self, name: _Optional[str] = ..., agent_version: _Optional[str] = ..., kernel: _Optional[str] = ..., arch: _Optional[str] = ..., runtime: _Optional[str] = ..., runtime_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_features: _Optional[_Mapping[str, bool]] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., work_free_bytes: _Optional[int] = ..., pre_copy_possible: _Optional[bool] = ...) -> None: ...
+    engine_api_version: str
+    engine_experimental: bool
+    def __init__(self, name: _Optional[str] = ..., agent_version: _Optional[str] = ..., kernel: _Optional[str] = ..., arch: _Optional[str] = ..., runtime: _Optional[str] = ..., runtime_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_features: _Optional[_Mapping[str, bool]] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., work_free_bytes: _Optional[int] = ..., pre_copy_possible: _Optional[bool] = ..., engine_api_version: _Optional[str] = ..., engine_experimental: _Optional[bool] = ...) -> None: ...
 
 class CheckpointSummary(_message.Message):
     __slots__ = ("id", "created", "host", "container_name", "container_id", "image", "image_id", "runtime", "criu_version", "size_bytes", "image_bytes", "leave_running", "timings")

@@ -103,6 +103,72 @@ class Host:
         return json.loads(self.podman("ps", "-a", "--format", "json").stdout or "[]") or []
 
 
+class DockerHost(Host):
+    """A host whose engine is its own dockerd (own data root, exec root, socket; no bridge)."""
+
+    runtime = "docker"
+
+    def __init__(self, name: str, root: str, port: int, experimental: bool = True):
+        super().__init__(name, root, port)
+        self.experimental = experimental
+        self.dockerd: subprocess.Popen | None = None
+
+    @property
+    def socket(self) -> str:
+        return f"unix://{self.root}/docker.sock"
+
+    def podman(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The same calls as on a podman host, answered by this host's dockerd."""
+        return subprocess.run(["docker", "-H", self.socket, *args], capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def containers(self) -> list[dict]:
+        out = self.podman("ps", "-a", "--format", "{{json .}}").stdout
+        items = [json.loads(line) for line in out.splitlines() if line.strip()]
+        for c in items:
+            c["Names"] = [c.get("Names", "")]
+        return items
+
+    def import_image(self, ref: str, with_workload: bool = True, label: str = "") -> str:
+        args = ["import"]
+        if label:
+            args += ["--change", f"LABEL stasis.test={label}"]
+        out = self.podman(*args, rootfs_tar(with_workload), ref).stdout.strip()
+        return out.split(":", 1)[1] if out.startswith("sha256:") else out
+
+    def start_dockerd(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        config = os.path.join(self.root, "daemon.json")
+        with open(config, "w") as f:
+            f.write("{}")   # so /etc/docker/daemon.json does not apply to this daemon
+        argv = ["dockerd", "--data-root", f"{self.root}/data", "--exec-root", f"{self.root}/exec",
+                "--pidfile", f"{self.root}/docker.pid", "-H", self.socket, "--config-file", config,
+                "--bridge=none", "--iptables=false", "--ip-masq=false"]
+        if self.experimental:
+            argv.append("--experimental")
+        with open(os.path.join(self.root, "dockerd.log"), "ab") as log:
+            self.dockerd = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.dockerd.poll() is not None:
+                raise RuntimeError(f"dockerd for {self.name} exited; see {self.root}/dockerd.log")
+            try:
+                if self.podman("version", check=False, timeout=10).returncode == 0:
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"dockerd for {self.name} did not start; see {self.root}/dockerd.log")
+
+    def stop_dockerd(self) -> None:
+        if self.dockerd is not None and self.dockerd.poll() is None:
+            ids = self.podman("ps", "-aq", check=False).stdout.split()
+            if ids:
+                self.podman("rm", "-f", *ids, check=False, timeout=120)
+        _stop(self.dockerd, timeout=60)
+        self.dockerd = None
+
+
 class Cluster:
     def __init__(self, base: str, repo_url: str, env: dict[str, str] | None = None, heartbeat: float = 1.0):
         self.base = base
@@ -137,9 +203,13 @@ class Cluster:
         _stop(self.controller)
         self.controller = None
 
-    def add_host(self, name: str, extra_env: dict[str, str] | None = None) -> Host:
+    def add_host(self, name: str, extra_env: dict[str, str] | None = None, runtime: str = "podman") -> Host:
         root = os.path.join(self.base, "hosts", name)
-        host = self.hosts.get(name) or Host(name, root, free_port())
+        host = self.hosts.get(name)
+        if host is None:
+            host = DockerHost(name, root, free_port()) if runtime == "docker" else Host(name, root, free_port())
+            if isinstance(host, DockerHost):
+                host.start_dockerd()
         self.hosts[name] = host
         self.start_agent(host, extra_env)
         return host
@@ -157,9 +227,12 @@ class Cluster:
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "stasis-host", *argv]
 
     def start_agent(self, host: Host, extra_env: dict[str, str] | None = None) -> None:
-        argv = self.in_host_namespace(host, [
-                *stasis_argv(), "agent", "serve", "--listen", host.address, "--host-name", host.name,
-                "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work")])
+        serve = [*stasis_argv(), "agent", "serve", "--listen", host.address, "--host-name", host.name,
+                 "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work")]
+        if isinstance(host, DockerHost):   # its own dockerd already separates its state
+            argv = [*serve, "--runtime", "docker", "--docker-host", host.socket]
+        else:
+            argv = self.in_host_namespace(host, [*serve, "--runtime", "podman"])
         host.proc = self._spawn(argv, f"agent-{host.name}", {**self.env, **(extra_env or {})})
         if not wait_port(host.port, 30, host.proc):
             raise RuntimeError(f"agent {host.name} did not start; see {self.base}/agent-{host.name}.log")
@@ -190,6 +263,11 @@ class Cluster:
 
     def stop(self) -> None:
         for host in self.hosts.values():
+            if isinstance(host, DockerHost):
+                _stop(host.proc)
+                host.proc = None
+                host.stop_dockerd()
+                continue
             # Containers (and their conmon) would outlive the agent: remove them first, from the
             # agent's namespace or, if the agent is already gone, from a fresh one over the same state.
             rm = ["podman", "rm", "--all", "--force", "--time", "0"]
@@ -206,12 +284,12 @@ class Cluster:
             shutil.rmtree(host.root, ignore_errors=True)
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def _stop(proc: subprocess.Popen | None, timeout: float = 15) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(15)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
