@@ -111,12 +111,14 @@ class DockerRuntime(Runtime):
         ckpt = f"{CHECKPOINT_PREFIX}{uuid.uuid4().hex[:8]}"
         await self._drop_old_checkpoints(cid)
         started = time.monotonic()
+        phases: dict[str, float] = {}
         await self._call(self._post, f"/containers/{cid}/checkpoints",
                          {"CheckpointID": ckpt, "Exit": not leave_running})
-        seconds = time.monotonic() - started
+        phases["criu"] = time.monotonic() - started
         # The commit comes after the dump: files CRIU saw open exist, with the size it saw, in the
         # committed filesystem (a running container keeps writing; it is paused for the commit).
         tag = uuid.uuid4().hex[:12]
+        mark = time.monotonic()
         image = await self._call(api.commit, cid, repository=COMMIT_REPO, tag=tag, pause=leave_running)
         ref = f"{COMMIT_REPO}:{tag}"
         stage = os.path.dirname(archive)
@@ -125,11 +127,14 @@ class DockerRuntime(Runtime):
             await self._call(self._save_image, ref, image_tar)
         finally:
             await self._call(api.remove_image, image["Id"], force=True, noprune=False)
+        phases["commit"] = time.monotonic() - mark
+        mark = time.monotonic()
         config = {"inspect": c, "checkpoint": ckpt, "committed_image": ref}
         source = self._checkpoint_dir(cid, ckpt)
         await asyncio.to_thread(_write_archive, archive, source, image_tar, config)
         os.unlink(image_tar)
-        return DumpStats(seconds, {})
+        phases["archive"] = time.monotonic() - mark
+        return DumpStats(time.monotonic() - started, {}, phases)
 
     def _post(self, path: str, body: dict) -> None:
         api = self._api()
@@ -160,10 +165,14 @@ class DockerRuntime(Runtime):
         check_name(name)
         stage = archive + ".d"
         started = time.monotonic()
+        phases: dict[str, float] = {}
         try:
             config = await asyncio.to_thread(_extract_archive, archive, stage)
+            phases["extract"] = time.monotonic() - started
+            mark = time.monotonic()
             with open(os.path.join(stage, "image.tar"), "rb") as f:
                 await self._call(lambda: list(api.load_image(f)))
+            phases["image_load"] = time.monotonic() - mark
             ref = config["committed_image"]
             create, host = translate(config["inspect"])
             try:
@@ -176,13 +185,17 @@ class DockerRuntime(Runtime):
             cid = created["Id"]
             ckpt = config["checkpoint"]
             target = self._checkpoint_dir(cid, ckpt)
-            await asyncio.to_thread(shutil.copytree, os.path.join(stage, "checkpoint"), target)
+            # A rename, not a copy, when the stage and docker's root share a file system.
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            await asyncio.to_thread(shutil.move, os.path.join(stage, "checkpoint"), target)
+            mark = time.monotonic()
             try:
                 await self._call(self._post_start, cid, ckpt)
             except RuntimeFailure as exc:
                 await self._call(api.remove_container, cid, force=True)
                 raise RuntimeFailure(f"CRIU could not restore {name}: {exc.message}") from None
-            return RestoreStats(time.monotonic() - started, cid, {})
+            phases["criu"] = time.monotonic() - mark
+            return RestoreStats(time.monotonic() - started, cid, {}, phases)
         finally:
             await asyncio.to_thread(shutil.rmtree, stage, True)
 

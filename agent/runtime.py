@@ -27,10 +27,11 @@ class DumpStats:
 
     seconds: float
     criu: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)   # engine-specific parts of `seconds`
 
     @property
-    def frozen_seconds(self) -> float:
-        return self.criu.get("frozen_time", 0) / 1e6
+    def frozen_seconds(self) -> float | None:
+        return self.criu["frozen_time"] / 1e6 if "frozen_time" in self.criu else None
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RestoreStats:
     seconds: float
     container_id: str
     criu: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class Runtime(abc.ABC):

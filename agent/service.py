@@ -169,7 +169,9 @@ class AgentService:
             stats = await self.runtime.checkpoint(info.name, archive, leave_running)
             dumped = True
             timings["dump"] = stats.seconds
-            timings["frozen"] = stats.frozen_seconds
+            if stats.frozen_seconds is not None:   # CRIU's own figure (docker does not report it)
+                timings["frozen"] = stats.frozen_seconds
+            timings.update({f"dump.{k}": v for k, v in stats.phases.items()})
             failpoints.hit("checkpoint.after_dump")
 
             size = os.path.getsize(archive)
@@ -271,6 +273,7 @@ class AgentService:
             emit("restore", f"restoring {name} with CRIU", 0, 0)
             stats = await self.runtime.restore(archive, name)
             timings["restore"] = stats.seconds
+            timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:
                 timings["criu_restore"] = stats.criu["restore_time"] / 1e6
             info = await self.runtime.inspect(name)

@@ -271,13 +271,17 @@ def cmd_checkpoints(args, client: Client) -> int:
         emit_json([checkpoint_doc(c) for c in items])
         return 0
     table([[c.id, c.created, c.host, c.container_name, human_bytes(c.size_bytes),
-            "yes" if c.leave_running else "no", f"{_timing(c, 'frozen'):.2f}s"] for c in items],
+            "yes" if c.leave_running else "no", _seconds(_timing(c, "frozen"))] for c in items],
           ["ID", "CREATED", "HOST", "CONTAINER", "SIZE", "LEFT RUNNING", "FROZEN"])
     return 0
 
 
-def _timing(c: pb.CheckpointSummary, name: str) -> float:
-    return next((t.seconds for t in c.timings if t.name == name), 0.0)
+def _timing(c: pb.CheckpointSummary, name: str) -> float | None:
+    return next((t.seconds for t in c.timings if t.name == name), None)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
 
 
 def checkpoint_doc(c: pb.CheckpointSummary) -> dict[str, Any]:
