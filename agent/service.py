@@ -155,15 +155,16 @@ class AgentService:
         criu, runtime_version = await self._versions()
         # Shared lock: a prune can neither run nor start until this checkpoint is committed.
         lock = await asyncio.to_thread(repo.lock, "shared")
-        stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
+        stage = ""
         timings: dict[str, float] = {}
         dumped = False
         image_task = None
         try:
+            stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
             # The image is immutable: ship it while CRIU dumps, so it adds nothing to downtime.
             # (Docker's archive carries a commit of the container, base layers included.)
             if not getattr(self.runtime, "archive_includes_image", False):
-                image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings))
+                image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock))
             emit("dump", f"dumping {info.name} with CRIU", 0, 0)
             archive = os.path.join(stage, "checkpoint.tar")
             stats = await self.runtime.checkpoint(info.name, archive, leave_running)
@@ -178,7 +179,7 @@ class AgentService:
             emit("upload", f"uploading {size} bytes to {repo.url}", 0, size)
             started = time.monotonic()
             artifact = await asyncio.to_thread(
-                repo.store_file, archive, lambda d, t: emit("upload", "", d, t))
+                repo.store_file, archive, lambda d, t: emit("upload", "", d, t), "application/x-tar", lock)
             timings["upload"] = time.monotonic() - started
             image = await image_task if image_task is not None else None
             manifest = Manifest(
@@ -187,7 +188,7 @@ class AgentService:
                 container=ContainerRef(info.id, info.name, info.image, info.image_id, info.labels),
                 leave_running=leave_running, checkpoint=artifact, image=image, timings=timings,
                 criu_stats=stats.criu)
-            await asyncio.to_thread(repo.write_manifest, manifest)
+            await asyncio.to_thread(repo.write_manifest, manifest, lock)
             log.info("checkpoint stored", checkpoint=ckpt_id, container=info.name, bytes=size,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return manifest
@@ -199,7 +200,8 @@ class AgentService:
         finally:
             if image_task is not None:   # never delete the stage under a running `podman save`
                 await asyncio.gather(image_task, return_exceptions=True)
-            await asyncio.to_thread(shutil.rmtree, stage, True)
+            if stage:
+                await asyncio.to_thread(shutil.rmtree, stage, True)
             await asyncio.to_thread(lock.release)
 
     async def _resume_after_failure(self, name: str, exc: BaseException) -> None:
@@ -212,14 +214,14 @@ class AgentService:
             log.error("could not resume container after a failed checkpoint", container=name, error=str(err))
 
     async def _ship_image(self, repo: Repository, info: ContainerInfo, stage: str,
-                          timings: dict[str, float]) -> Artifact:
+                          timings: dict[str, float], lock) -> Artifact:
         existing = await asyncio.to_thread(repo.image_artifact, info.image_id)
         if existing is not None:
             return existing
         started = time.monotonic()
         path = os.path.join(stage, "image.tar")
         await self.runtime.image_save(info.image, info.image_id, path)
-        artifact = await asyncio.to_thread(repo.store_file, path)
+        artifact = await asyncio.to_thread(repo.store_file, path, None, "application/x-tar", lock)
         await asyncio.to_thread(repo.remember_image, info.image_id, artifact)
         timings["image_save"] = time.monotonic() - started
         return artifact
@@ -254,10 +256,11 @@ class AgentService:
                                      f"{needed} bytes needed, {free} free")
 
         lock = await asyncio.to_thread(repo.lock, "shared")   # no prune while we read
-        stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
+        stage = ""
         timings: dict[str, float] = {}
         image_task = None
         try:
+            stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
             if need_image:
                 image_task = asyncio.ensure_future(self._load_image(repo, manifest, stage, timings))
             archive = os.path.join(stage, "checkpoint.tar")
@@ -285,7 +288,8 @@ class AgentService:
         finally:
             if image_task is not None:
                 await asyncio.gather(image_task, return_exceptions=True)
-            await asyncio.to_thread(shutil.rmtree, stage, True)
+            if stage:
+                await asyncio.to_thread(shutil.rmtree, stage, True)
             await asyncio.to_thread(lock.release)
 
     async def _exists(self, name: str) -> bool:

@@ -53,14 +53,15 @@ def unwrap(raw: bytes, password: str, where: str) -> MasterKey:
     """The master key from one key file; PermissionDenied when the password does not open it."""
     try:
         doc = json.loads(raw)
-        assert doc["kdf"] == "scrypt"
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-        # Bounds keep a hostile key file from making us allocate gigabytes or loop for hours.
-        assert 1 << 10 <= n <= 1 << 20 and 1 <= r <= 32 and 1 <= p <= 16
         salt, data = base64.b64decode(doc["salt"]), base64.b64decode(doc["data"])
-        assert len(salt) >= 16 and len(data) == 12 + 64 + 16
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise IntegrityError(f"{where} is not a valid key file") from None
+        # Bounds keep a hostile key file from making us allocate gigabytes or work for minutes.
+        ok = (doc["kdf"] == "scrypt" and 1 << 10 <= n <= 1 << 17 and n & (n - 1) == 0 and 1 <= r <= 8
+              and 1 <= p <= 2 and len(salt) >= 16 and len(data) == 12 + 64 + 16)
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        ok = False
+    if not ok:
+        raise IntegrityError(f"{where} is not a valid key file")
     try:
         plain = AESGCM(_kek(password, salt, n, r, p)).decrypt(data[:12], data[12:], _AAD)
     except InvalidTag:

@@ -35,17 +35,30 @@ class Lock:
         self._refresh = refresh
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_ok = time.monotonic()
 
     def _write(self) -> None:
         body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
                 "created": self.created, "refreshed": time.time()}
         self.backend.save(self.key, json.dumps(body).encode())
+        self._last_ok = time.monotonic()
+
+    def check(self) -> None:
+        """Before a commit: others may have judged this lock stale (refreshes failed, a long pause),
+        and a prune may have run meanwhile. Then nothing may be committed."""
+        if time.monotonic() - self._last_ok > STALE / 2 or not self.backend.exists(self.key):
+            raise FailedPrecondition(f"lost the repository lock on {self.backend.url} (it could not be "
+                                     f"refreshed); nothing was committed: try again")
 
     def acquire(self, wait: float = 0.0) -> "Lock":
         deadline = time.monotonic() + wait
         while True:
             self._write()
-            holder = self._conflict()
+            try:
+                holder = self._conflict()
+            except BaseException:
+                self._remove_quietly()
+                raise
             if holder is None:
                 break
             self.backend.remove(self.key)
@@ -67,8 +80,8 @@ class Lock:
                 continue
             try:
                 other = json.loads(self.backend.load(info.key))
-            except (ObjectNotFound, ValueError):
-                continue
+            except (ObjectNotFound, ValueError, RecursionError):
+                continue   # gone, or not a lock we understand: it cannot be honoured
             if not isinstance(other, dict) or is_stale(other):
                 continue
             if self.kind == "exclusive" or other.get("kind") == "exclusive":
@@ -86,6 +99,9 @@ class Lock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._remove_quietly()
+
+    def _remove_quietly(self) -> None:
         try:
             self.backend.remove(self.key)
         except ObjectNotFound:
@@ -101,16 +117,17 @@ class Lock:
 def is_stale(lock: dict) -> bool:
     try:
         refreshed = float(lock.get("refreshed", 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return True
-    if time.time() - refreshed > STALE:
+    if time.time() - refreshed > STALE:   # a clock ahead of ours makes a lock look fresh: safe side
         return True
-    if lock.get("host") == socket.gethostname() and isinstance(lock.get("pid"), int):
+    pid = lock.get("pid")
+    if lock.get("host") == socket.gethostname() and isinstance(pid, int) and 0 < pid < 1 << 22:
         try:
-            os.kill(lock["pid"], 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        except PermissionError:
+        except (PermissionError, OverflowError):
             return False
     return False
 

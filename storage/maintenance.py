@@ -46,6 +46,20 @@ def _index_files(repo: Repository, problems: list[str] | None = None) -> dict[st
     return out
 
 
+def _merged(index_files: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """One view per pack across every index file that lists it (after an interrupted prune, an old
+    full table and a new trimmed one may both exist): blobs by offset, chunks by id."""
+    merged: dict[str, dict] = {}
+    for packs in index_files.values():
+        for pack_id, table in packs.items():
+            m = merged.setdefault(pack_id, {"size": table["size"], "blobs": {}, "chunks": {}})
+            for chunk_id, blob, offset, length in _table_chunks(table):
+                b = table["blobs"][blob]
+                m["blobs"][b[0]] = b
+                m["chunks"].setdefault(chunk_id, (b[0], offset, length))
+    return merged
+
+
 def _table_chunks(table: dict):
     """(chunk id, blob index, offset, length) of every chunk a pack table lists."""
     ids = table["ids"]
@@ -229,16 +243,13 @@ def prune(repo: Repository, dry_run: bool = False, repack_threshold: float = REP
         present = _present_packs(repo)
 
         # Each used chunk is kept in one place: the first present pack listing it.
-        home: dict[bytes, tuple[str, int]] = {}
-        tables: dict[str, dict] = {}
-        for packs in index_files.values():
-            for pack_id, table in packs.items():
-                tables.setdefault(pack_id, table)
-                if pack_id not in present:
-                    continue
-                for chunk_id, blob, *_ in _table_chunks(table):
-                    if chunk_id in used and chunk_id not in home:
-                        home[chunk_id] = (pack_id, blob)
+        tables = _merged(index_files)
+        home: dict[bytes, str] = {}
+        for pack_id, m in tables.items():
+            if pack_id in present:
+                for chunk_id in m["chunks"]:
+                    if chunk_id in used:
+                        home.setdefault(chunk_id, pack_id)
         lost = used - set(home)
         if lost:
             raise FailedPrecondition(f"prune stopped, nothing deleted: {len(lost)} chunks in use are in no "
@@ -247,18 +258,17 @@ def prune(repo: Repository, dry_run: bool = False, repack_threshold: float = REP
         keep: dict[str, dict] = {}
         repack: dict[str, list] = {}
         delete: list[str] = []
-        for pack_id, table in tables.items():
+        for pack_id, m in tables.items():
             if pack_id not in present:
                 continue
-            mine = [c for c in _table_chunks(table) if home.get(c[0]) == (pack_id, c[1])]
-            blobs = sorted({c[1] for c in mine})
-            used_bytes = sum(table["blobs"][b][1] for b in blobs)
+            mine = [(cid, *where) for cid, where in m["chunks"].items() if home.get(cid) == pack_id]
+            used_bytes = sum(m["blobs"][b][1] for b in {c[1] for c in mine})
             if not mine:
                 delete.append(pack_id)
             elif 1 - used_bytes / max(present[pack_id], 1) > repack_threshold:
                 repack[pack_id] = mine
             else:
-                keep[pack_id] = _subtable(table, present[pack_id], mine)
+                keep[pack_id] = _subtable(m, present[pack_id], mine)
         orphans = [p for p in present if p not in tables]
         freed = sum(present[p] for p in delete + orphans) + sum(
             present[p] - sum(tables[p]["blobs"][b][1] for b in {c[1] for c in mine}) for p, mine in repack.items())
@@ -287,12 +297,13 @@ def prune(repo: Repository, dry_run: bool = False, repack_threshold: float = REP
         return report
 
 
-def _subtable(table: dict, size: int, mine: list) -> dict:
-    """A pack table listing only the blobs and chunks still in use (blob indices renumbered)."""
+def _subtable(merged: dict, size: int, mine: list) -> dict:
+    """A pack table listing only the blobs and chunks still in use. `mine` holds
+    (chunk id, blob offset, offset in blob, length)."""
     blobs = sorted({c[1] for c in mine})
-    renumber = {old: new for new, old in enumerate(blobs)}
-    return {"size": size, "blobs": [table["blobs"][b] for b in blobs], "ids": b"".join(c[0] for c in mine),
-            "chunks": [[renumber[c[1]], c[2], c[3]] for c in mine]}
+    number = {offset: n for n, offset in enumerate(blobs)}
+    return {"size": size, "blobs": [merged["blobs"][b] for b in blobs], "ids": b"".join(c[0] for c in mine),
+            "chunks": [[number[c[1]], c[2], c[3]] for c in mine]}
 
 
 def _repack(repo: Repository, tables: dict[str, dict], repack: dict[str, list]) -> dict[str, dict]:
@@ -314,7 +325,7 @@ def _repack(repo: Repository, tables: dict[str, dict], repack: dict[str, list]) 
         for chunk_id, blob, offset, length in mine:
             by_blob[blob].append((chunk_id, offset, length))
         for blob, members in sorted(by_blob.items()):
-            b_off, b_len, b_plain = tables[pack_id]["blobs"][blob]
+            b_off, b_len, b_plain = tables[pack_id]["blobs"][blob]   # blobs keyed by their offset
             sealed = data[b_off:b_off + b_len]
             plain = decode_blob(repo.sealer, sealed, b_plain, f"pack {pack_id[:12]} blob {blob}")
             for chunk_id, offset, length in members:

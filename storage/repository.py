@@ -33,13 +33,15 @@ from stasis.storage.chunker import ChunkerParams, pieces
 from stasis.storage.crypto import AeadSealer, Sealer
 from stasis.storage.locks import Lock
 from stasis.storage.manifest import CHECKPOINT_ID, Artifact, Manifest
-from stasis.storage.pack import (GROUP_BYTES, GROUP_CHUNKS, HEX64, Location, PackBuilder, decode_blob,
+from stasis.storage.pack import (GROUP_BYTES, GROUP_CHUNKS, HEX64, MAX_BLOB_PLAIN, Location, PackBuilder,
+                                 decode_blob,
                                  decode_index, encode_blob, encode_index, locations, pack_key)
 
 log = structlog.get_logger("stasis.storage")
 REPO_FORMAT = "stasis-repository"
 REPO_VERSION = 2
 DEFAULT_PACK_SIZE = 32 << 20
+MAX_KEY_FILES = 32
 MAX_READ = 16 << 20       # one ranged GET covers neighbouring blobs up to this size
 READ_GAP = 256 << 10      # and skips over at most this much unneeded data to do so
 Progress = Callable[[int, int], None]
@@ -100,6 +102,10 @@ class Repository:
             backend.ensure_bucket()
         if backend.exists("config"):
             raise FailedPrecondition(f"{backend.url} already holds a repository")
+        if next(iter(backend.list("")), None) is not None:
+            # Keys or checkpoints without a config: a damaged repository, never to be overwritten.
+            raise FailedPrecondition(f"{backend.url} is not empty but has no repository config; "
+                                     f"refusing to create a repository over it")
         if encrypt and not password:
             raise InvalidArgument("an encrypted repository needs a password: set STASIS_PASSWORD or "
                                   "--password-file (or choose --no-encryption)")
@@ -132,8 +138,9 @@ class Repository:
             raise missing from None
         try:
             envelope = json.loads(raw)
-            assert isinstance(envelope, dict) and envelope["format"] == REPO_FORMAT
-        except (ValueError, KeyError, TypeError, AssertionError):
+            if not isinstance(envelope, dict) or envelope.get("format") != REPO_FORMAT:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise IntegrityError(f"{backend.url}/config is not a stasis repository config") from None
         if envelope.get("version") != REPO_VERSION:
             raise FailedPrecondition(f"repository {backend.url} has format version {envelope.get('version')}; "
@@ -141,8 +148,12 @@ class Repository:
         scheme = envelope.get("encryption")
         key_files = [i.key for i in backend.list("keys/")]
         if scheme == "none":
-            if key_files:   # someone who can write the bucket must not downgrade it to plaintext
-                raise IntegrityError(f"{backend.url}: config says unencrypted but key files exist; refusing")
+            # Someone who can write the bucket must not be able to swap in a plaintext repository:
+            # whoever holds a password expects encryption, and gets it or an error.
+            if key_files or password:
+                raise IntegrityError(f"{backend.url} is not encrypted, but "
+                                     f"{'key files exist' if key_files else 'a password was given'}: refusing "
+                                     f"(a plaintext repository in place of an encrypted one is an attack)")
             body = envelope.get("body")
             try:
                 sealer: Sealer = Sealer(base64.b64decode(body["id_key"]))
@@ -152,12 +163,7 @@ class Repository:
             if not password:
                 raise FailedPrecondition(f"repository {backend.url} is encrypted: set STASIS_PASSWORD "
                                          f"or --password-file")
-            master = cls._unlock(backend, key_files, password)
-            sealer = AeadSealer(master.encryption_key, master.id_key)
-            try:
-                body = json.loads(sealer.open(base64.b64decode(envelope.get("body", "")), b"config", "config"))
-            except (ValueError, TypeError):
-                raise IntegrityError(f"{backend.url}/config is malformed") from None
+            sealer, body = cls._unlock_config(backend, key_files, password, envelope.get("body", ""))
         else:
             raise FailedPrecondition(f"repository {backend.url} uses encryption {scheme!r}, unknown to this stasis")
         try:
@@ -170,15 +176,37 @@ class Repository:
         repo.refresh_index()
         return repo
 
+    @classmethod
+    def _unlock_config(cls, backend: Backend, key_files: list[str], password: str, body: str):
+        """The master key that opens the config: a key file that unwraps but does not open the config
+        (left by an interrupted init, or planted) is passed over."""
+        wrong_config = False
+        for master in cls._masters(backend, key_files, password):
+            sealer = AeadSealer(master.encryption_key, master.id_key)
+            try:
+                return sealer, json.loads(sealer.open(base64.b64decode(body), b"config", "config"))
+            except IntegrityError:
+                wrong_config = True
+            except (ValueError, TypeError, RecursionError):
+                raise IntegrityError(f"{backend.url}/config is malformed") from None
+        if wrong_config:
+            raise IntegrityError(f"{backend.url}/config failed authentication with every key this password opens")
+        raise keyfiles.PermissionDenied(f"wrong password for repository {backend.url}")
+
     @staticmethod
-    def _unlock(backend: Backend, key_files: list[str], password: str) -> keyfiles.MasterKey:
+    def _masters(backend: Backend, key_files: list[str], password: str):
         if not key_files:
             raise IntegrityError(f"repository {backend.url} is encrypted but has no key files")
-        for key in key_files:
+        for key in key_files[:MAX_KEY_FILES]:   # each costs a deliberate scrypt: bounded
             try:
-                return keyfiles.unwrap(backend.load(key), password, key)
+                yield keyfiles.unwrap(backend.load(key), password, key)
             except StasisError:
                 continue
+
+    @classmethod
+    def _unlock(cls, backend: Backend, key_files: list[str], password: str) -> keyfiles.MasterKey:
+        for master in cls._masters(backend, key_files, password):
+            return master
         raise keyfiles.PermissionDenied(f"wrong password for repository {backend.url}")
 
     # ------------------------------------------------------------------ keys
@@ -245,6 +273,11 @@ class Repository:
             return index_id, decode_index(self.sealer, self.backend.load(key), index_id)
         except ObjectNotFound:   # deleted by a concurrent prune after a new index replaced it
             return index_id, None
+        except IntegrityError as exc:
+            # A damaged or planted index must not make the whole repository unreadable; what it
+            # alone described shows up as missing chunks, and `repo check` reports it.
+            log.warning("skipping unreadable index file", index=index_id[:12], error=exc.message)
+            return index_id, None
 
     def _merge(self, packs: dict[str, dict]) -> None:
         for pack_id, table in packs.items():
@@ -269,9 +302,11 @@ class Repository:
     # ------------------------------------------------------------------ writing
 
     def store_file(self, path: str, progress: Progress | None = None,
-                   media_type: str = "application/x-tar") -> Artifact:
-        """Store a file as chunks (new ones grouped, compressed, sealed, packed); return its artifact."""
-        writer = PackWriter(self)
+                   media_type: str = "application/x-tar", lock: Lock | None = None) -> Artifact:
+        """Store a file as chunks (new ones grouped, compressed, sealed, packed); return its artifact.
+
+        With `lock`, the lock is verified to be still held before the index is written."""
+        writer = PackWriter(self, lock=lock)
         ids = bytearray()            # 32 bytes a chunk: 8 MiB for a 1 GiB archive
         runs: list[list[int]] = []   # chunk sizes, run-length encoded
         total = os.path.getsize(path)
@@ -296,12 +331,14 @@ class Repository:
             progress(total, total)
         return Artifact(done, bytes(ids), tuple((s, n) for s, n in runs), media_type)
 
-    def write_manifest(self, manifest: Manifest) -> None:
+    def write_manifest(self, manifest: Manifest, lock: Lock | None = None) -> None:
         # Every chunk the manifest names is in an index before it: the manifest is the commit point.
         missing = [i for art in (manifest.checkpoint, manifest.image) if art for i, _ in art.chunks()
                    if i not in self.index]
         if missing:
             raise IntegrityError(f"checkpoint {manifest.id}: {len(missing)} chunks are not stored; not committing")
+        if lock is not None:
+            lock.check()   # a writer whose lock went stale may have lost its chunks to a prune
         self.backend.save(f"checkpoints/{manifest.id}.json",
                           self.sealer.seal(manifest.to_bytes(), f"checkpoint:{manifest.id}".encode()))
 
@@ -380,10 +417,10 @@ class Repository:
                 run_len += length
                 continue
             if run_len > 0:
-                os.pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
+                _pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
             run_file, run_plain, run_len = file_offset, offset, length
         if run_len > 0:
-            os.pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
+            _pwrite(fd, plain[run_plain:run_plain + run_len], run_file)
         return written
 
     def _plan_reads(self, window: list[tuple[int, bytes, int]], what: str) -> list[tuple[str, int, int, dict]]:
@@ -498,12 +535,23 @@ class Repository:
         return matches[0]
 
 
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    try:
+        while view:   # a short write (full disk) must not pass silently
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as exc:
+        raise StasisError(f"cannot write the restored file: {exc.strerror}") from None
+
+
 class PackWriter:
     """The write pipeline: groups of chunks -> (hash, dedup, compress, seal) in a pool -> packs ->
     upload pool. Results are consumed in order, so the artifact lists chunks as they were cut."""
 
-    def __init__(self, repo: Repository, uploads_in_flight: int = 2):
+    def __init__(self, repo: Repository, uploads_in_flight: int = 2, lock: Lock | None = None):
         self.repo = repo
+        self.lock = lock
         self.encoders = concurrent.futures.ThreadPoolExecutor(repo.workers)
         self.uploaders = concurrent.futures.ThreadPoolExecutor(uploads_in_flight)
         self.upload_slots = threading.BoundedSemaphore(uploads_in_flight)
@@ -540,6 +588,9 @@ class PackWriter:
         limit = self.repo.workers * 4
         group: list[tuple[int, int]] = []
         for start, end in cuts:
+            if group and end - group[0][0] > MAX_BLOB_PLAIN:   # a blob never exceeds what readers accept
+                pending.append(self.encoders.submit(self._encode, fd, group))
+                group = []
             group.append((start, end))
             if len(group) >= GROUP_CHUNKS or end - group[0][0] >= GROUP_BYTES:
                 pending.append(self.encoders.submit(self._encode, fd, group))
@@ -586,6 +637,8 @@ class PackWriter:
         for fut in self.uploads:
             fut.result()
         if self.written:
+            if self.lock is not None:
+                self.lock.check()
             self.repo.write_index(self.written)
 
     def abort(self) -> None:

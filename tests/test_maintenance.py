@@ -206,3 +206,23 @@ def test_tar_pages_stay_aligned_when_an_earlier_member_grows(tmp_path_factory, p
     two = set(cut_file(tar("2.tar", header + b"x" * 700), params))
     page_chunks = {pages[i:i + 4096] for i in range(0, len(pages), 4096)}
     assert page_chunks <= one and page_chunks <= two
+
+
+def test_prune_after_an_interrupted_prune_keeps_chunks_listed_by_either_index(tmp_path):
+    """An old full index and a trimmed one (a prune that crashed before deleting the old) both name
+    a pack: chunks that only the full one lists, and that a checkpoint uses, survive the next prune."""
+    repo = Repository.init(f"memory://{uuid.uuid4().hex}", None, encrypt=False, pack_size=8 << 20)
+    data = os.urandom(200 * PAGE)
+    first = checkpoint(repo, tmp_path, data)
+    [(pack_id, table)] = [(p, t) for packs in (repo.read_index_file(i.key[6:-5])
+                                                for i in repo.backend.list("index/")) for p, t in packs.items()]
+    half = len(table["chunks"]) // 2
+    trimmed = {"size": table["size"], "blobs": table["blobs"], "ids": table["ids"][:half * 32],
+               "chunks": table["chunks"][:half]}
+    repo.write_index({pack_id: trimmed})
+    second = checkpoint(Repository.open(repo.url, None, repo.backend), tmp_path, data)  # uses every chunk
+    repo.remove_checkpoint(first.id)
+    maintenance.prune(Repository.open(repo.url, None, repo.backend))
+    final = Repository.open(repo.url, None, repo.backend)
+    assert restorable(final, second, tmp_path)
+    assert maintenance.check(final, read_data=True).ok

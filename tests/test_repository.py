@@ -238,3 +238,65 @@ def test_pack_deleted_by_prune_is_seen_by_a_long_lived_reader(repo, tmp_path):
         assert all(i in reader.index for i, _ in keeper.chunks())
         only_doomed = {i for i, _ in doomed.chunks()} - {i for i, _ in keeper.chunks()}
         assert only_doomed and not any(i in reader.index for i in only_doomed)
+
+
+def test_plaintext_repository_swapped_in_for_an_encrypted_one_is_refused():
+    """An attacker who can clear the bucket and write a plaintext repository gets refused by every
+    reader that holds a password (it expects encryption)."""
+    repo = Repository.init(url(), None, encrypt=False)
+    with pytest.raises(IntegrityError, match="a password was given"):
+        Repository.open(repo.url, "secret", repo.backend)
+
+
+def test_a_key_file_from_an_interrupted_init_does_not_lock_users_out():
+    from stasis.storage import keys
+
+    repo = Repository.init(url(), "pw")
+    stray = keys.wrap(keys.MasterKey.generate(), "pw", now_rfc3339())   # same password, other master key
+    repo.backend.save("keys/00000000000000000000000000000000.json", stray)
+    assert Repository.open(repo.url, "pw", repo.backend).config.id == repo.config.id
+
+
+@pytest.mark.parametrize("doc", [
+    b'{"kdf": "scrypt", "n": Infinity, "r": 8, "p": 1, "salt": "", "data": ""}',
+    b'{"kdf": "scrypt", "n": 1048576, "r": 32, "p": 16, "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "data": ""}',
+    b"[" * 100000,
+])
+def test_hostile_key_files_are_skipped_quickly(doc):
+    repo = Repository.init(url(), "pw")
+    repo.backend.save("keys/00000000000000000000000000000000.json", doc)
+    assert Repository.open(repo.url, "pw", repo.backend)
+
+
+def test_a_planted_index_file_does_not_make_the_repository_unreadable(tmp_path):
+    from stasis.storage.crypto import content_hash
+
+    repo = Repository.init(url(), "pw")
+    art = repo.store_file(make_tar(tmp_path / "t.tar", bytes(pages(10))))
+    junk = b"garbage"
+    repo.backend.save(f"index/{content_hash(junk)}.json", junk)
+    again = Repository.open(repo.url, "pw", repo.backend)
+    assert roundtrip(again, art, tmp_path) == open(tmp_path / "t.tar", "rb").read()
+
+
+def test_init_refuses_a_non_empty_location():
+    repo = Repository.init(url(), "pw")
+    repo.backend.remove("config")
+    with pytest.raises(FailedPrecondition, match="not empty"):
+        Repository.init(repo.url, "pw")
+
+
+def test_a_writer_that_lost_its_lock_commits_nothing(tmp_path, monkeypatch):
+    from stasis.storage import locks
+
+    repo = Repository.init(url(), "pw")
+    lock = repo.lock("shared")
+    repo.backend.remove(lock.key)   # as if a prune judged it stale and went ahead
+    with pytest.raises(FailedPrecondition, match="lost the repository lock"):
+        repo.store_file(make_tar(tmp_path / "t.tar", bytes(pages(10))), lock=lock)
+    assert list(repo.backend.list("index/")) == []
+    lock.release()
+    assert locks.is_stale({"refreshed": 0}) and locks.is_stale({"refreshed": "x"})
+    assert locks.is_stale({"refreshed": 1e308 * 10}) is False or True   # never raises
+    assert locks.is_stale({"refreshed": __import__("time").time(), "host": __import__("socket").gethostname(),
+                           "pid": 2 ** 70}) is False
