@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
 
 import pytest
 
+from e2e_helpers import log_lines, name
+
 pytestmark = pytest.mark.e2e
 MIB = 32
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def log_lines(host, container: str) -> int:
-    return len(host.exec(container, "cat", "/data/new/log").split())
 
 
 def test_checkpoint_restore_between_docker_hosts_keeps_memory_and_files(docker_cluster):

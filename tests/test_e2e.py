@@ -10,24 +10,10 @@ import uuid
 
 import pytest
 
+from e2e_helpers import log_lines, name, one_error_line
+
 pytestmark = pytest.mark.e2e
 MIB = 32
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def one_error_line(stderr: str) -> str:
-    """Errors are exactly one line (progress lines before it are fine), never a traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("stasis: error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def log_lines(host, container: str) -> int:
-    return len(host.exec(container, "cat", "/data/new/log").split())
 
 
 def test_checkpoint_then_restore_on_other_host_keeps_memory(cluster):
