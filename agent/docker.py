@@ -29,8 +29,8 @@ import docker.errors
 
 from stasis.agent.podman import check_name
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
-from stasis.errors import (AlreadyExists, FailedPrecondition, IntegrityError, NotFound, RuntimeFailure,
-                           Unavailable)
+from stasis.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, IntegrityError, NotFound,
+                           RuntimeFailure, Unavailable)
 
 CHECKPOINT_PREFIX = "stasis-"
 COMMIT_REPO = "localhost/stasis-checkpoint"
@@ -219,6 +219,20 @@ class DockerRuntime(Runtime):
             await self._call(self._api().remove_container, check_name(name), force=force)
         except NotFound:
             raise NotFound(f"no container {name!r} on this host") from None
+
+    async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
+        api = self._api()
+
+        def run() -> tuple[int, str]:
+            ex = api.exec_create(check_name(name), argv)
+            out = api.exec_start(ex["Id"]).decode(errors="replace")
+            return int(api.exec_inspect(ex["Id"]).get("ExitCode") or 0), out
+
+        try:
+            code, out = await asyncio.wait_for(self._call(run), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"command in {name} did not finish within {timeout:.0f} s") from None
+        return code, "\n".join(out.strip().splitlines()[-10:])
 
     # ------------------------------------------------------------------ images (unused: archives carry them)
 

@@ -96,6 +96,10 @@ class PodmanRuntime(Runtime):
                 raise FailedPrecondition(f"container {name!r} is running; stop it first or use --force")
             raise RuntimeFailure(f"podman rm {name} failed: {tail(out.stderr)}")
 
+    async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
+        out = await self._podman("exec", check_name(name), *argv, timeout=timeout, check=False)
+        return out.returncode, tail(out.stdout + "\n" + out.stderr, 10)
+
     async def image_exists(self, image_id: str) -> bool:
         out = await self._podman("image", "exists", image_id, check=False)
         return out.returncode == 0

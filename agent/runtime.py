@@ -70,6 +70,10 @@ class Runtime(abc.ABC):
     async def remove(self, name: str, force: bool = False) -> None: ...
 
     @abc.abstractmethod
+    async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
+        """Run argv inside the container; (exit code, tail of its output)."""
+
+    @abc.abstractmethod
     async def image_exists(self, image_id: str) -> bool: ...
 
     @abc.abstractmethod

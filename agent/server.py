@@ -9,7 +9,7 @@ import grpc
 import structlog
 
 from stasis.agent.service import AgentService
-from stasis.errors import from_rpc_error, listen_on, rpc_errors
+from stasis.errors import CHANNEL_OPTIONS, from_rpc_error, listen_on, rpc_errors
 from stasis.proto import convert
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
@@ -66,7 +66,8 @@ class AgentServicer(pb_grpc.AgentServicer):
     async def Checkpoint(self, request, context):
         queue: asyncio.Queue = asyncio.Queue()
         work = self.service.checkpoint(request.operation_id, request.container, request.leave_running,
-                                       request.repository, request.checkpoint_id, _emitter(queue))
+                                       request.repository, request.checkpoint_id, _emitter(queue),
+                                       dict(request.tags))
         async for item in _stream(work, queue):
             yield item if isinstance(item, pb.AgentEvent) else pb.AgentEvent(
                 checkpoint=convert.checkpoint_pb(item))
@@ -83,6 +84,10 @@ class AgentServicer(pb_grpc.AgentServicer):
     async def Resume(self, request, context):
         return convert.container_pb(await self.service.resume(request.name), self.service.host_name)
 
+    async def Exec(self, request, context):
+        code, output = await self.service.exec(request.container, list(request.argv), request.timeout_seconds or 60)
+        return pb.ExecResponse(exit_code=code, output=output)
+
     async def RemoveContainer(self, request, context):
         await self.service.remove(request.name, request.force)
         return pb.RemoveContainerResponse()
@@ -92,7 +97,7 @@ async def _register_loop(service: AgentService, controller: str, advertise: str)
     """Register with the controller, then heartbeat; re-register whenever it forgets us."""
     registered = False
     delay = 1.0
-    async with grpc.aio.insecure_channel(controller) as channel:
+    async with grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.ControllerStub(channel)
         while True:
             try:

@@ -21,8 +21,8 @@ from stasis.agent import failpoints
 from stasis.agent.podman import check_name
 from stasis.agent.probe import criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
-from stasis.errors import (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, RuntimeFailure,
-                           StasisError)
+from stasis.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+                           RuntimeFailure, StasisError)
 from stasis.storage.manifest import Artifact, ContainerRef, Manifest
 from stasis.storage.repository import Repository, new_checkpoint_id, now_rfc3339
 
@@ -84,6 +84,12 @@ class AgentService:
     async def remove(self, name: str, force: bool) -> None:
         await self.runtime.remove(name, force)
 
+    async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
+        if not argv or len(argv) > 256:
+            raise InvalidArgument("exec needs a command (at most 256 arguments)")
+        await self.inspect(name)
+        return await self.runtime.exec(name, argv, min(max(timeout, 1.0), 3600.0))
+
     async def resume(self, name: str) -> ContainerInfo:
         info = await self.runtime.inspect(name)
         if info.state != "running":
@@ -141,12 +147,12 @@ class AgentService:
     # ------------------------------------------------------------------ checkpoint
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
-                         checkpoint_id: str, emit: Emit) -> Manifest:
+                         checkpoint_id: str, emit: Emit, tags: dict[str, str] | None = None) -> Manifest:
         return await self._once(op_id, lambda: self._checkpoint(
-            op_id, container, leave_running, repo_url, checkpoint_id or new_checkpoint_id(), emit))
+            op_id, container, leave_running, repo_url, checkpoint_id or new_checkpoint_id(), emit, tags or {}))
 
     async def _checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
-                          ckpt_id: str, emit: Emit) -> Manifest:
+                          ckpt_id: str, emit: Emit, tags: dict[str, str]) -> Manifest:
         info = await self.inspect(container)
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
@@ -157,6 +163,7 @@ class AgentService:
         lock = await asyncio.to_thread(repo.lock, "shared")
         stage = ""
         timings: dict[str, float] = {}
+        stored: dict[str, int] = {}
         dumped = False
         image_task = None
         try:
@@ -164,7 +171,7 @@ class AgentService:
             # The image is immutable: ship it while CRIU dumps, so it adds nothing to downtime.
             # (Docker's archive carries a commit of the container, base layers included.)
             if not getattr(self.runtime, "archive_includes_image", False):
-                image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock))
+                image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))
             emit("dump", f"dumping {info.name} with CRIU", 0, 0)
             archive = os.path.join(stage, "checkpoint.tar")
             stats = await self.runtime.checkpoint(info.name, archive, leave_running)
@@ -179,7 +186,7 @@ class AgentService:
             emit("upload", f"uploading {size} bytes to {repo.url}", 0, size)
             started = time.monotonic()
             artifact = await asyncio.to_thread(
-                repo.store_file, archive, lambda d, t: emit("upload", "", d, t), "application/x-tar", lock)
+                repo.store_file, archive, lambda d, t: emit("upload", "", d, t), "application/x-tar", lock, stored)
             timings["upload"] = time.monotonic() - started
             image = await image_task if image_task is not None else None
             manifest = Manifest(
@@ -187,7 +194,7 @@ class AgentService:
                 runtime_version=runtime_version, criu_version=criu, operation_id=op_id,
                 container=ContainerRef(info.id, info.name, info.image, info.image_id, info.labels),
                 leave_running=leave_running, checkpoint=artifact, image=image, timings=timings,
-                criu_stats=stats.criu)
+                criu_stats=stats.criu, tags=tags, new_bytes=stored.get("new_bytes", 0))
             await asyncio.to_thread(repo.write_manifest, manifest, lock)
             log.info("checkpoint stored", checkpoint=ckpt_id, container=info.name, bytes=size,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
@@ -214,14 +221,14 @@ class AgentService:
             log.error("could not resume container after a failed checkpoint", container=name, error=str(err))
 
     async def _ship_image(self, repo: Repository, info: ContainerInfo, stage: str,
-                          timings: dict[str, float], lock) -> Artifact:
+                          timings: dict[str, float], lock, stored: dict) -> Artifact:
         existing = await asyncio.to_thread(repo.image_artifact, info.image_id)
         if existing is not None:
             return existing
         started = time.monotonic()
         path = os.path.join(stage, "image.tar")
         await self.runtime.image_save(info.image, info.image_id, path)
-        artifact = await asyncio.to_thread(repo.store_file, path, None, "application/x-tar", lock)
+        artifact = await asyncio.to_thread(repo.store_file, path, None, "application/x-tar", lock, stored)
         await asyncio.to_thread(repo.remember_image, info.image_id, artifact)
         timings["image_save"] = time.monotonic() - started
         return artifact

@@ -7,7 +7,7 @@ from typing import Callable
 
 import grpc
 
-from stasis.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from stasis.errors import CHANNEL_OPTIONS, DeadlineExceeded, Unavailable, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
 
@@ -20,7 +20,7 @@ class AgentClient:
     def __init__(self, name: str, address: str):
         self.name = name
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.AgentStub(self.channel)
 
     @property
@@ -73,9 +73,9 @@ class AgentClient:
         return await self._call(self.stub.InspectContainer, pb.InspectContainerRequest(name=name))
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repository: str,
-                         on_progress) -> pb.CheckpointSummary:
+                         on_progress, tags: dict[str, str] | None = None) -> pb.CheckpointSummary:
         req = pb.AgentCheckpointRequest(operation_id=op_id, container=container,
-                                        leave_running=leave_running, repository=repository)
+                                        leave_running=leave_running, repository=repository, tags=tags or {})
         return (await self._stream(self.stub.Checkpoint, req, on_progress)).checkpoint
 
     async def restore(self, op_id: str, checkpoint_id: str, repository: str, name: str,
@@ -86,6 +86,10 @@ class AgentClient:
 
     async def resume(self, name: str) -> pb.Container:
         return await self._call(self.stub.Resume, pb.ResumeRequest(name=name), timeout=LONG)
+
+    async def exec(self, container: str, argv: list[str], timeout: float) -> pb.ExecResponse:
+        return await self._call(self.stub.Exec, pb.ExecRequest(container=container, argv=argv,
+                                                              timeout_seconds=timeout), timeout=timeout + 10)
 
     async def remove(self, name: str, force: bool = True) -> None:
         await self._call(self.stub.RemoveContainer, pb.RemoveContainerRequest(name=name, force=force))

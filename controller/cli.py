@@ -290,6 +290,105 @@ def checkpoint_doc(c: pb.CheckpointSummary) -> dict[str, Any]:
     return doc
 
 
+# ---------------------------------------------------------------------------- schedules and backups
+
+def _policy(args) -> pb.RetentionPolicy:
+    from stasis.controller.retention import parse_duration
+
+    return pb.RetentionPolicy(keep_last=args.keep_last or 0, keep_hourly=args.keep_hourly or 0,
+                              keep_daily=args.keep_daily or 0, keep_weekly=args.keep_weekly or 0,
+                              keep_monthly=args.keep_monthly or 0,
+                              keep_within_seconds=parse_duration(args.keep_within) if args.keep_within else 0)
+
+
+def _labels(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"--label {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def schedule_doc(s: pb.Schedule) -> dict[str, Any]:
+    return to_dict(s)
+
+
+def cmd_schedule(args, client: Client) -> int:
+    from stasis.controller.retention import parse_duration
+
+    action = args.schedule_command
+    if action == "create":
+        spec = pb.Schedule(name=args.name, selector=args.selector or "", labels=_labels(args.label),
+                           every_seconds=parse_duration(args.every) if args.every else 0, cron=args.cron or "",
+                           retention=_policy(args), pre_hook=args.pre_hook or "", post_hook=args.post_hook or "",
+                           hook_timeout_seconds=parse_duration(args.hook_timeout), hook_on_error=args.hook_on_error,
+                           paused=args.paused)
+        result = client.call("CreateSchedule", spec)
+    elif action == "list":
+        items = client.call("ListSchedules", pb.ListSchedulesRequest()).schedules
+        if args.json:
+            emit_json([schedule_doc(s) for s in items])
+        else:
+            table([[s.name, s.selector or ",".join(f"{k}={v}" for k, v in s.labels.items()),
+                    s.cron or f"every {s.every_seconds:g}s", "paused" if s.paused else "active", s.last_run,
+                    s.next_run, s.last_result] for s in items],
+                  ["NAME", "SELECTS", "WHEN", "STATE", "LAST RUN", "NEXT RUN", "LAST RESULT"])
+        return 0
+    elif action == "run":
+        ids = client.call("RunSchedule", pb.ScheduleName(name=args.name)).job_ids
+        if args.json:
+            emit_json({"jobs": list(ids)})
+        else:
+            print("\n".join(ids) if ids else "no container matches the selector")
+        return 0 if ids else EXIT_FAILED
+    elif action == "delete":
+        client.call("DeleteSchedule", pb.ScheduleName(name=args.name))
+        emit_json({"deleted": args.name}) if args.json else print(f"deleted schedule {args.name}")
+        return 0
+    elif action in ("pause", "resume"):
+        result = client.call("PauseSchedule", pb.PauseScheduleRequest(name=args.name, paused=action == "pause"))
+    else:
+        result = client.call("GetSchedule", pb.ScheduleName(name=args.name))
+    if args.json:
+        emit_json(schedule_doc(result))
+    else:
+        for k, v in schedule_doc(result).items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_backups(args, client: Client) -> int:
+    items = client.call("ListCheckpoints", pb.ListCheckpointsRequest(
+        container=args.container or "", schedule=args.schedule or "")).checkpoints
+    if args.json:
+        emit_json([checkpoint_doc(c) for c in items])
+        return 0
+    table([[c.created, c.id, c.host, c.container_name, c.tags.get("schedule", "-"), human_bytes(c.size_bytes),
+            human_bytes(c.new_bytes), _seconds(_timing(c, "frozen"))] for c in items],
+          ["TIME", "ID", "HOST", "CONTAINER", "SCHEDULE", "SIZE", "NEW", "FROZEN"])
+    return 0
+
+
+def cmd_forget(args, client: Client) -> int:
+    reply = client.call("Forget", pb.ForgetRequest(schedule=args.schedule or "", container=args.container or "",
+                                                   policy=_policy(args), dry_run=args.dry_run, prune=args.prune),
+                        timeout=600)
+    if args.json:
+        emit_json({"kept": list(reply.kept), "forgotten": list(reply.forgotten), "reasons": dict(reply.reasons),
+                   "bytes_freed": reply.bytes_freed, "dry_run": args.dry_run})
+        return 0
+    verb = "would forget" if args.dry_run else "forgot"
+    for ident in reply.kept:
+        print(f"keep   {ident}  ({reply.reasons.get(ident, '')})")
+    for ident in reply.forgotten:
+        print(f"forget {ident}")
+    print(f"{verb} {len(reply.forgotten)}, kept {len(reply.kept)}"
+          + (f"; prune freed {human_bytes(reply.bytes_freed)}" if reply.bytes_freed else ""))
+    return 0
+
+
 # ---------------------------------------------------------------------------- repository, no controller
 
 def _password(args, prompt: bool = False, confirm: bool = False) -> str | None:
@@ -606,6 +705,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("job", "show a job (checkpoint, restore, migrate) with its phases and timings", cmd_job)
     p.add_argument("id")
     p.add_argument("--watch", action="store_true", help="follow the job until it ends")
+
+    def retention_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest")
+        for unit in ("hourly", "daily", "weekly", "monthly"):
+            p.add_argument(f"--keep-{unit}", type=int, metavar="N",
+                           help=f"keep the newest of each of the last N {unit} periods")
+        p.add_argument("--keep-within", metavar="DURATION", help="keep everything newer than this (e.g. 2d)")
+
+    p = add("schedule", "scheduled backups: create, list, show, pause, resume, delete, run now", None)
+    ssub = p.add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
+    s = ssub.add_parser("create", help="create a schedule", parents=[common],
+                        description="Back up containers on a schedule without stopping them; retention runs "
+                                    "after every backup and never removes a container's newest backup.")
+    s.add_argument("name")
+    s.add_argument("--selector", metavar="[HOST/]CONTAINER", help="one container (on any host if no HOST)")
+    s.add_argument("--label", action="append", metavar="KEY=VALUE", help="every container with these labels")
+    s.add_argument("--every", metavar="DURATION", help="e.g. 15m, 1h")
+    s.add_argument("--cron", metavar="EXPR", help="five-field cron expression in UTC, e.g. '0 3 * * *'")
+    retention_args(s)
+    s.add_argument("--pre-hook", metavar="CMD", help="shell command run inside the container before the dump")
+    s.add_argument("--post-hook", metavar="CMD", help="shell command run inside the container after the dump")
+    s.add_argument("--hook-timeout", default="60s", metavar="DURATION")
+    s.add_argument("--hook-on-error", choices=["fail", "continue"], default="fail",
+                   help="fail: a failing pre-hook skips the backup (default); continue: back up anyway")
+    s.add_argument("--paused", action="store_true")
+    s.set_defaults(fn=cmd_schedule)
+    s = ssub.add_parser("list", help="list schedules", parents=[common])
+    s.set_defaults(fn=cmd_schedule)
+    for action, text in (("show", "show one schedule"), ("pause", "stop running it"), ("resume", "run it again"),
+                         ("delete", "delete it (its backups stay)"), ("run", "run it now")):
+        s = ssub.add_parser(action, help=text, parents=[common])
+        s.add_argument("name")
+        s.set_defaults(fn=cmd_schedule)
+
+    p = add("backups", "the backup timeline: time, host, size, new bytes, frozen time", cmd_backups)
+    p.add_argument("--container")
+    p.add_argument("--schedule")
+
+    p = add("forget", "apply a retention policy to backups, like restic forget", cmd_forget)
+    p.add_argument("--schedule", help="backups of this schedule (its policy applies unless --keep-* given)")
+    p.add_argument("--container", help="only this container's backups")
+    retention_args(p)
+    p.add_argument("--dry-run", action="store_true", help="say what would be forgotten, change nothing")
+    p.add_argument("--prune", action="store_true", help="free the space right away")
 
     p = add("jobs", "list recent jobs, newest first", cmd_jobs)
     p.add_argument("--limit", type=int, default=50, help="how many (default %(default)s)")

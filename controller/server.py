@@ -52,7 +52,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             yield event
 
     async def ListCheckpoints(self, request, context):
-        return pb.ListCheckpointsResponse(checkpoints=self.service.checkpoints(request.container, request.host))
+        return pb.ListCheckpointsResponse(checkpoints=self.service.checkpoints(request.container, request.host,
+                                                                               request.schedule))
 
     async def GetCheckpoint(self, request, context):
         return await self.service.checkpoint(request.id)
@@ -68,6 +69,28 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         async for event in self.service.jobs.watch(self.service.jobs.require(request.id)):
             yield event
 
+    async def CreateSchedule(self, request, context):
+        return self.service.schedules.create(request)
+
+    async def ListSchedules(self, request, context):
+        return pb.ListSchedulesResponse(schedules=self.service.schedules.list())
+
+    async def GetSchedule(self, request, context):
+        return self.service.schedules.get(request.name)
+
+    async def PauseSchedule(self, request, context):
+        return self.service.schedules.pause(request.name, request.paused)
+
+    async def DeleteSchedule(self, request, context):
+        self.service.schedules.delete(request.name)
+        return pb.DeleteScheduleResponse()
+
+    async def RunSchedule(self, request, context):
+        return pb.RunScheduleResponse(job_ids=await self.service.schedules.run_now(request.name))
+
+    async def Forget(self, request, context):
+        return await self.service.schedules.forget(request)
+
 
 async def serve(service: ControllerService, listen: str) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -75,11 +98,13 @@ async def serve(service: ControllerService, listen: str) -> None:
     listen_on(server, listen)
     await server.start()
     added = await service.sync_catalog()
+    scheduler = asyncio.ensure_future(service.schedules.loop())
     log.info("controller listening", address=listen, repository=service.repository.url,
              catalog_imported=added, pid=os.getpid())
     try:
         await server.wait_for_termination()
     finally:
+        scheduler.cancel()
         await service.close()
         await server.stop(grace=2)
         await asyncio.sleep(0)

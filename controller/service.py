@@ -28,6 +28,8 @@ class ControllerService:
         self.heartbeat_seconds = heartbeat_seconds
         self.jobs = JobManager(store)
         self._clients: dict[str, AgentClient] = {}
+        from stasis.controller.schedules import Schedules
+        self.schedules = Schedules(self)
 
     # ---------------------------------------------------------------- catalog
 
@@ -52,10 +54,11 @@ class ControllerService:
             id=c.id, created=c.created, host=c.host, container_name=c.container_name,
             container_id=c.container_id, image=c.image, image_id=c.image_id, runtime=c.runtime,
             criu_version=c.criu_version, size=c.size_bytes, image_size=c.image_bytes,
-            leave_running=c.leave_running, timings=json.dumps(convert.timings_dict(c.timings))))
+            leave_running=c.leave_running, timings=json.dumps(convert.timings_dict(c.timings)),
+            tags=json.dumps(dict(c.tags)), schedule=c.tags.get("schedule", ""), new_bytes=c.new_bytes))
 
-    def checkpoints(self, container: str = "", host: str = "") -> list[pb.CheckpointSummary]:
-        return [_row_pb(r) for r in self.store.checkpoints(container, host)]
+    def checkpoints(self, container: str = "", host: str = "", schedule: str = "") -> list[pb.CheckpointSummary]:
+        return [_row_pb(r) for r in self.store.checkpoints(container, host, schedule)]
 
     async def checkpoint(self, ident: str) -> pb.CheckpointSummary:
         full = await asyncio.to_thread(self.repository.resolve, ident)
@@ -170,6 +173,7 @@ class ControllerService:
         return self.jobs.start("migrate", params, request_id, migration.run)
 
     async def close(self) -> None:
+        await self.schedules.close()
         await self.jobs.close()
         for c in self._clients.values():
             await c.close()
@@ -181,4 +185,5 @@ def _row_pb(r: CheckpointRow) -> pb.CheckpointSummary:
         id=r.id, created=r.created, host=r.host, container_name=r.container_name,
         container_id=r.container_id, image=r.image, image_id=r.image_id, runtime=r.runtime,
         criu_version=r.criu_version, size_bytes=r.size, image_bytes=r.image_size,
-        leave_running=r.leave_running, timings=convert.timings_pb(timings))
+        leave_running=r.leave_running, timings=convert.timings_pb(timings), tags=json.loads(r.tags or "{}"),
+        new_bytes=r.new_bytes or 0)

@@ -57,6 +57,19 @@ class CheckpointRow(Base):
     image_size: Mapped[int] = mapped_column(Integer)
     leave_running: Mapped[bool] = mapped_column(Boolean)
     timings: Mapped[str] = mapped_column(Text, default="{}")
+    tags: Mapped[str] = mapped_column(Text, default="{}")
+    schedule: Mapped[str] = mapped_column(String(128), default="", index=True)
+    new_bytes: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ScheduleRow(Base):
+    __tablename__ = "schedules"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec: Mapped[str] = mapped_column(Text)          # the Schedule message as JSON
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_run: Mapped[float] = mapped_column(Float, default=0.0)
+    next_run: Mapped[float] = mapped_column(Float, default=0.0)
+    last_result: Mapped[str] = mapped_column(Text, default="")
 
 
 class Store:
@@ -132,14 +145,44 @@ class Store:
         with self.session() as s, s.begin():
             s.merge(row)
 
-    def checkpoints(self, container: str = "", host: str = "") -> list[CheckpointRow]:
+    def checkpoints(self, container: str = "", host: str = "", schedule: str = "") -> list[CheckpointRow]:
         q = select(CheckpointRow).order_by(CheckpointRow.created)
         if container:
             q = q.where(CheckpointRow.container_name == container)
         if host:
             q = q.where(CheckpointRow.host == host)
+        if schedule:
+            q = q.where(CheckpointRow.schedule == schedule)
         with self.session() as s:
             return list(s.scalars(q))
+
+    def forget_checkpoint(self, ident: str) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(CheckpointRow, ident)
+            if row is not None:
+                s.delete(row)
+
+    # ---------------------------------------------------------------- schedules
+
+    def save_schedule(self, row: ScheduleRow) -> None:
+        with self.session() as s, s.begin():
+            s.merge(row)
+
+    def schedule(self, name: str) -> ScheduleRow | None:
+        with self.session() as s:
+            return s.get(ScheduleRow, name)
+
+    def schedules(self) -> list[ScheduleRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ScheduleRow).order_by(ScheduleRow.name)))
+
+    def delete_schedule(self, name: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.get(ScheduleRow, name)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
 
     def checkpoint_ids(self) -> set[str]:
         with self.session() as s:

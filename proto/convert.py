@@ -30,4 +30,4 @@ def checkpoint_pb(m: Manifest) -> pb.CheckpointSummary:
         container_id=m.container.id, image=m.container.image, image_id=m.container.image_id,
         runtime=m.runtime, criu_version=m.criu_version, size_bytes=m.checkpoint.size,
         image_bytes=m.image.size if m.image else 0, leave_running=m.leave_running,
-        timings=timings_pb(m.timings))
+        timings=timings_pb(m.timings), tags=m.tags, new_bytes=m.new_bytes)

@@ -139,6 +139,12 @@ def _wrap(fn: Callable[..., Any], method: str) -> Callable[..., Any]:
     return wrapper
 
 
+# gRPC's default reconnect backoff grows to two minutes: a daemon that was down for a while would
+# stay unreachable long after it is back. Peers here are on a LAN or loopback: retry every 2 s.
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 def listen_on(server: grpc.aio.Server, address: str) -> int:
     """Bind a server's port, or fail with one line (grpcio raises a bare RuntimeError)."""
     try:

@@ -108,6 +108,8 @@ class Manifest:
     timings: dict[str, float]
     criu_stats: dict[str, int]
     operation_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)   # e.g. schedule=nightly
+    new_bytes: int = 0                                     # stored bytes this checkpoint added
 
     def to_bytes(self) -> bytes:
         """The manifest's JSON; the repository seals it (docs/repository-format.md)."""
@@ -118,7 +120,8 @@ class Manifest:
             "container": asdict(self.container), "leave_running": self.leave_running,
             "artifacts": {"checkpoint": self.checkpoint.to_json(),
                           "image": self.image.to_json() if self.image else None},
-            "timings": self.timings, "criu_stats": self.criu_stats,
+            "timings": self.timings, "criu_stats": self.criu_stats, "tags": self.tags,
+            "new_bytes": self.new_bytes,
         }
         # Compressed: the chunk list of a large checkpoint is megabytes of JSON.
         return zstandard.ZstdCompressor().compress(json.dumps(body, sort_keys=True).encode())
@@ -161,6 +164,8 @@ class Manifest:
             image=None if image is None else Artifact.from_json(image, f"{where}.artifacts.image"),
             timings=_numbers(data.get("timings", {}), f"{where}.timings", float),
             criu_stats=_numbers(data.get("criu_stats", {}), f"{where}.criu_stats", int),
+            tags=_tags(data.get("tags", {}), f"{where}.tags"),
+            new_bytes=_int(data.get("new_bytes", 0), f"{where}.new_bytes"),
         )
 
 
@@ -178,6 +183,13 @@ def _int(value: Any, where: str) -> int:
     _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 0, where,
             "must be a non-negative integer")
     return value
+
+
+def _tags(value: Any, where: str) -> dict[str, str]:
+    _expect(isinstance(value, dict) and len(value) <= 32 and all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 256 for k, v in value.items()),
+        where, "must map at most 32 short strings to strings")
+    return dict(value)
 
 
 def _numbers(value: Any, where: str, kind: type) -> dict:

@@ -302,7 +302,8 @@ class Repository:
     # ------------------------------------------------------------------ writing
 
     def store_file(self, path: str, progress: Progress | None = None,
-                   media_type: str = "application/x-tar", lock: Lock | None = None) -> Artifact:
+                   media_type: str = "application/x-tar", lock: Lock | None = None,
+                   stats: dict | None = None) -> Artifact:
         """Store a file as chunks (new ones grouped, compressed, sealed, packed); return its artifact.
 
         With `lock`, the lock is verified to be still held before the index is written."""
@@ -327,6 +328,8 @@ class Repository:
         finally:
             writer.abort()
             os.close(fd)
+        if stats is not None:   # what dedup left to store (compressed, sealed)
+            stats["new_bytes"] = stats.get("new_bytes", 0) + writer.stored_bytes
         if progress:
             progress(total, total)
         return Artifact(done, bytes(ids), tuple((s, n) for s, n in runs), media_type)
@@ -559,6 +562,7 @@ class PackWriter:
         self.pack = PackBuilder()
         self.written: dict[str, dict] = {}   # this writer's packs, for its index file
         self.pending: set[bytes] = set()     # new chunks already placed in this writer's packs
+        self.stored_bytes = 0
 
     def _encode(self, fd: int, group: list[tuple[int, int]]):
         """Read and hash a run of chunks; compress and seal those the repository does not have."""
@@ -610,6 +614,7 @@ class PackWriter:
             if fresh:
                 self.pending.update(m[0] for m in fresh)
                 self.pack.add(blob, plain_length, fresh)
+                self.stored_bytes += len(blob)
                 if self.pack.size >= self.repo.config.pack_size:
                     self._flush()
         return listed

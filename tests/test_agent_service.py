@@ -62,6 +62,10 @@ class FakeRuntime(Runtime):
     async def image_exists(self, image_id):
         return image_id in self.images
 
+    async def exec(self, name, argv, timeout):
+        self.calls.append("exec")
+        return 0, ""
+
     async def image_save(self, image, image_id, archive):
         self.calls.append("image_save")
         with open(archive, "wb") as f:

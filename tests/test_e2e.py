@@ -261,6 +261,105 @@ def test_encrypted_repository_dedups_successive_checkpoints_and_checks_clean(clu
     assert cluster.hosts["host-b"].verify_memory(copy)["mutations"] == "1"
 
 
+def backup_jobs(cluster, schedule: str) -> list[dict]:
+    return [j for j in cluster.cli_json("jobs", "--limit", "500")
+            if j["kind"] == "backup" and j["params"].get("schedule") == schedule]
+
+
+def wait_jobs(cluster, schedule: str, count: int, timeout: float = 90) -> list[dict]:
+    """Until `count` backup jobs of the schedule have ended; returns them, oldest first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [j for j in backup_jobs(cluster, schedule) if j["state"] != "running"]
+        if len(done) >= count:
+            return sorted(done, key=lambda j: j["created"])
+        time.sleep(0.3)
+    raise AssertionError(f"{count} backups of {schedule} did not finish: {backup_jobs(cluster, schedule)}")
+
+
+def test_scheduled_backups_never_stop_the_container_and_retention_keeps_the_newest(cluster):
+    a = cluster.hosts["host-a"]
+    web = name("sched")
+    sched = f"every-{web}"
+    a.run_workload(web, MIB)
+    nonce = a.status(web)["nonce"]
+    cluster.cli("schedule", "create", sched, "--selector", f"host-a/{web}", "--every", "2s", "--keep-last", "2")
+    counters = []
+    deadline = time.monotonic() + 120
+    while len([j for j in backup_jobs(cluster, sched) if j["state"] == "succeeded"]) < 3:
+        assert time.monotonic() < deadline, backup_jobs(cluster, sched)
+        st = a.status(web)
+        assert st["nonce"] == nonce      # the same process all along: never stopped, never restarted
+        counters.append(int(st["counter"]))
+        time.sleep(0.2)
+    cluster.cli("schedule", "pause", sched)
+    wait_jobs(cluster, sched, len(backup_jobs(cluster, sched)))
+    assert counters == sorted(counters) and counters[-1] > counters[0]
+    assert a.podman("inspect", "--format", "{{.State.Status}}", web).stdout.strip() == "running"
+    backups = cluster.cli_json("backups", "--container", web, "--schedule", sched)
+    assert len(backups) == 2, backups                              # keep-last 2, applied after each run
+    assert all(b["timings"]["frozen"] > 0 and b["leave_running"] for b in backups)
+    assert backups[-1]["new_bytes"] < backups[-1]["size_bytes"]    # the second one onwards deduplicates
+    shown = cluster.cli_json("schedule", "show", sched)
+    assert shown["paused"] is True and "succeeded" in shown["last_result"]
+
+
+def test_hooks_and_restore_of_the_second_to_last_point(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name("pit")
+    sched = f"hooked-{web}"
+    a.run_workload(web, MIB)
+    cluster.cli("schedule", "create", sched, "--selector", web, "--every", "1h", "--keep-last", "5",
+                "--pre-hook", "echo pre >> /tmp/hooks", "--post-hook", "echo post >> /tmp/hooks")
+    for i in range(3):                       # three points, with memory rewritten between them
+        if i:
+            a.mutate_memory(web)
+        cluster.cli("schedule", "run", sched)
+        assert wait_jobs(cluster, sched, i + 1)[-1]["state"] == "succeeded"
+    assert a.exec(web, "cat", "/tmp/hooks").split() == ["pre", "post"] * 3
+    points = cluster.cli_json("backups", "--container", web, "--schedule", sched)
+    assert len(points) == 3
+    copy = name("yesterday")
+    cluster.cli("restore", points[1]["id"], "--to", "host-b", "--name", copy)
+    assert b.verify_memory(copy)["mutations"] == "1"    # that point's state, not the latest
+
+    failing = f"failing-{web}"
+    cluster.cli("schedule", "create", failing, "--selector", web, "--every", "1h", "--pre-hook", "exit 3")
+    cluster.cli("schedule", "run", failing)
+    job = wait_jobs(cluster, failing, 1)[-1]
+    assert job["state"] == "failed" and "pre-hook exited 3" in job["error"] and "no backup" in job["error"]
+    assert cluster.cli_json("backups", "--schedule", failing) == []   # a failed backup is no backup
+    lenient = f"lenient-{web}"
+    cluster.cli("schedule", "create", lenient, "--selector", web, "--every", "1h", "--pre-hook", "exit 3",
+                "--hook-on-error", "continue")
+    cluster.cli("schedule", "run", lenient)
+    job = wait_jobs(cluster, lenient, 1)[-1]
+    assert job["state"] == "succeeded" and job["result"]["pre-hook"].startswith("failed, continued")
+    assert len(cluster.cli_json("backups", "--schedule", lenient)) == 1
+
+    dry = cluster.cli_json("forget", "--schedule", sched, "--keep-last", "1", "--dry-run")
+    assert len(dry["forgotten"]) == 2 and dry["kept"] == [points[-1]["id"]]
+    assert len(cluster.cli_json("backups", "--schedule", sched)) == 3   # dry run changed nothing
+
+
+def test_a_missed_run_runs_once_after_a_controller_restart(cluster):
+    a = cluster.hosts["host-a"]
+    web = name("missed")
+    sched = f"missed-{web}"
+    a.run_workload(web, MIB)
+    cluster.cli("schedule", "create", sched, "--selector", f"host-a/{web}", "--every", "8s", "--keep-last", "9")
+    cluster.stop_controller()
+    time.sleep(18)                           # two slots pass while the controller is down
+    cluster.start_controller()
+    cluster.wait_hosts_up(["host-a", "host-b"])
+    jobs = wait_jobs(cluster, sched, 1, timeout=60)
+    time.sleep(1.5)
+    assert len(backup_jobs(cluster, sched)) == 1, backup_jobs(cluster, sched)   # once, not twice
+    assert jobs[0]["state"] == "succeeded"
+    assert cluster.cli_json("schedule", "show", sched)["name"] == sched       # it survived the restart
+    cluster.cli("schedule", "delete", sched)
+
+
 def test_controller_rebuilds_catalog_from_repository(cluster):
     before = {c["id"] for c in cluster.cli_json("checkpoints")}
     assert before

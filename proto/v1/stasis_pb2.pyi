@@ -91,7 +91,14 @@ class HostInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., agent_version: _Optional[str] = ..., kernel: _Optional[str] = ..., arch: _Optional[str] = ..., runtime: _Optional[str] = ..., runtime_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_features: _Optional[_Mapping[str, bool]] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., work_free_bytes: _Optional[int] = ..., pre_copy_possible: _Optional[bool] = ..., engine_api_version: _Optional[str] = ..., engine_experimental: _Optional[bool] = ...) -> None: ...
 
 class CheckpointSummary(_message.Message):
-    __slots__ = ("id", "created", "host", "container_name", "container_id", "image", "image_id", "runtime", "criu_version", "size_bytes", "image_bytes", "leave_running", "timings")
+    __slots__ = ("id", "created", "host", "container_name", "container_id", "image", "image_id", "runtime", "criu_version", "size_bytes", "image_bytes", "leave_running", "timings", "tags", "new_bytes")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +112,8 @@ class CheckpointSummary(_message.Message):
     IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    NEW_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     created: str
     host: str
@@ -118,7 +127,27 @@ class CheckpointSummary(_message.Message):
     image_bytes: int
     leave_running: bool
     timings: _containers.RepeatedCompositeFieldContainer[PhaseTiming]
-    def __init__(self, id: _Optional[str] = ..., created: _Optional[str] = ..., host: _Optional[str] = ..., container_name: _Optional[str] = ..., container_id: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., runtime: _Optional[str] = ..., criu_version: _Optional[str] = ..., size_bytes: _Optional[int] = ..., image_bytes: _Optional[int] = ..., leave_running: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[PhaseTiming, _Mapping]]] = ...) -> None: ...
+    tags: _containers.ScalarMap[str, str]
+    new_bytes: int
+    def __init__(self, id: _Optional[str] = ..., created: _Optional[str] = ..., host: _Optional[str] = ..., container_name: _Optional[str] = ..., container_id: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., runtime: _Optional[str] = ..., criu_version: _Optional[str] = ..., size_bytes: _Optional[int] = ..., image_bytes: _Optional[int] = ..., leave_running: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[PhaseTiming, _Mapping]]] = ..., tags: _Optional[_Mapping[str, str]] = ..., new_bytes: _Optional[int] = ...) -> None: ...
+
+class ExecRequest(_message.Message):
+    __slots__ = ("container", "argv", "timeout_seconds")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    timeout_seconds: float
+    def __init__(self, container: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class ExecResponse(_message.Message):
+    __slots__ = ("exit_code", "output")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    output: str
+    def __init__(self, exit_code: _Optional[int] = ..., output: _Optional[str] = ...) -> None: ...
 
 class GetHostInfoRequest(_message.Message):
     __slots__ = ()
@@ -143,18 +172,27 @@ class InspectContainerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AgentCheckpointRequest(_message.Message):
-    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id")
+    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     container: str
     leave_running: bool
     repository: str
     checkpoint_id: str
-    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ...) -> None: ...
+    tags: _containers.ScalarMap[str, str]
+    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AgentRestoreRequest(_message.Message):
     __slots__ = ("operation_id", "checkpoint_id", "repository", "name")
@@ -203,6 +241,128 @@ class RemoveContainerRequest(_message.Message):
 class RemoveContainerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RetentionPolicy(_message.Message):
+    __slots__ = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_within_seconds")
+    KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_HOURLY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_DAILY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_WEEKLY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_MONTHLY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_WITHIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    keep_last: int
+    keep_hourly: int
+    keep_daily: int
+    keep_weekly: int
+    keep_monthly: int
+    keep_within_seconds: float
+    def __init__(self, keep_last: _Optional[int] = ..., keep_hourly: _Optional[int] = ..., keep_daily: _Optional[int] = ..., keep_weekly: _Optional[int] = ..., keep_monthly: _Optional[int] = ..., keep_within_seconds: _Optional[float] = ...) -> None: ...
+
+class Schedule(_message.Message):
+    __slots__ = ("name", "selector", "labels", "every_seconds", "cron", "retention", "pre_hook", "post_hook", "hook_timeout_seconds", "hook_on_error", "paused", "last_run", "next_run", "last_result")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CRON_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
+    PRE_HOOK_FIELD_NUMBER: _ClassVar[int]
+    POST_HOOK_FIELD_NUMBER: _ClassVar[int]
+    HOOK_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HOOK_ON_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    LAST_RUN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RUN_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    selector: str
+    labels: _containers.ScalarMap[str, str]
+    every_seconds: float
+    cron: str
+    retention: RetentionPolicy
+    pre_hook: str
+    post_hook: str
+    hook_timeout_seconds: float
+    hook_on_error: str
+    paused: bool
+    last_run: str
+    next_run: str
+    last_result: str
+    def __init__(self, name: _Optional[str] = ..., selector: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., every_seconds: _Optional[float] = ..., cron: _Optional[str] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ..., pre_hook: _Optional[str] = ..., post_hook: _Optional[str] = ..., hook_timeout_seconds: _Optional[float] = ..., hook_on_error: _Optional[str] = ..., paused: _Optional[bool] = ..., last_run: _Optional[str] = ..., next_run: _Optional[str] = ..., last_result: _Optional[str] = ...) -> None: ...
+
+class ScheduleName(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListSchedulesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSchedulesResponse(_message.Message):
+    __slots__ = ("schedules",)
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[Schedule]
+    def __init__(self, schedules: _Optional[_Iterable[_Union[Schedule, _Mapping]]] = ...) -> None: ...
+
+class PauseScheduleRequest(_message.Message):
+    __slots__ = ("name", "paused")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    paused: bool
+    def __init__(self, name: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class DeleteScheduleResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RunScheduleResponse(_message.Message):
+    __slots__ = ("job_ids",)
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("schedule", "container", "policy", "dry_run", "prune")
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    schedule: str
+    container: str
+    policy: RetentionPolicy
+    dry_run: bool
+    prune: bool
+    def __init__(self, schedule: _Optional[str] = ..., container: _Optional[str] = ..., policy: _Optional[_Union[RetentionPolicy, _Mapping]] = ..., dry_run: _Optional[bool] = ..., prune: _Optional[bool] = ...) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("kept", "forgotten", "reasons", "bytes_freed")
+    class ReasonsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    kept: _containers.RepeatedScalarFieldContainer[str]
+    forgotten: _containers.RepeatedScalarFieldContainer[str]
+    reasons: _containers.ScalarMap[str, str]
+    bytes_freed: int
+    def __init__(self, kept: _Optional[_Iterable[str]] = ..., forgotten: _Optional[_Iterable[str]] = ..., reasons: _Optional[_Mapping[str, str]] = ..., bytes_freed: _Optional[int] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
     __slots__ = ("name", "address", "info")
@@ -303,12 +463,14 @@ class MigrateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., host: _Optional[str] = ..., container: _Optional[str] = ..., to: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
-    __slots__ = ("container", "host")
+    __slots__ = ("container", "host", "schedule")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     container: str
     host: str
-    def __init__(self, container: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
+    schedule: str
+    def __init__(self, container: _Optional[str] = ..., host: _Optional[str] = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
     __slots__ = ("checkpoints",)

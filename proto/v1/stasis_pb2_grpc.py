@@ -71,6 +71,11 @@ class AgentStub:
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RemoveContainerRequest.SerializeToString,
                 response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RemoveContainerResponse.FromString,
                 _registered_method=True)
+        self.Exec = channel.unary_unary(
+                '/stasis.v1.Agent/Exec',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -123,6 +128,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exec(self, request, context):
+        """Run a command inside a container (backup hooks), with a timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +172,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RemoveContainer,
                     request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RemoveContainerRequest.FromString,
                     response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RemoveContainerResponse.SerializeToString,
+            ),
+            'Exec': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +380,33 @@ class Agent:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Exec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Agent/Exec',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ControllerStub:
     """---------------------------------------------------------------- controller service
@@ -434,6 +478,41 @@ class ControllerStub:
                 '/stasis.v1.Controller/WatchJob',
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/stasis.v1.Controller/CreateSchedule',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/stasis.v1.Controller/ListSchedules',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/stasis.v1.Controller/GetSchedule',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/stasis.v1.Controller/PauseSchedule',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/stasis.v1.Controller/DeleteSchedule',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.RunSchedule = channel.unary_unary(
+                '/stasis.v1.Controller/RunSchedule',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RunScheduleResponse.FromString,
+                _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/stasis.v1.Controller/Forget',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetResponse.FromString,
                 _registered_method=True)
 
 
@@ -515,6 +594,49 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forget(self, request, context):
+        """Apply a retention policy to the backups of a schedule (and container), like restic forget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -577,6 +699,41 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.GetJobRequest.FromString,
                     response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.JobEvent.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'RunSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunSchedule,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RunScheduleResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -905,6 +1062,195 @@ class Controller:
             '/stasis.v1.Controller/WatchJob',
             stasis_dot_proto_dot_v1_dot_stasis__pb2.GetJobRequest.SerializeToString,
             stasis_dot_proto_dot_v1_dot_stasis__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/CreateSchedule',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/ListSchedules',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ListSchedulesRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/GetSchedule',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/PauseSchedule',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.PauseScheduleRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/DeleteSchedule',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/RunSchedule',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ScheduleName.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.RunScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/Forget',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,
