@@ -168,14 +168,21 @@ class AgentService:
         image_task = None
         try:
             stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
-            # The image is immutable: ship it while CRIU dumps, so it adds nothing to downtime.
-            # (Docker's archive carries a commit of the container, base layers included.)
-            if not getattr(self.runtime, "archive_includes_image", False):
+            ship_image = not getattr(self.runtime, "archive_includes_image", False)   # docker: in the archive
+            if ship_image and not leave_running:
+                # A stopping dump (migration): ship the immutable image meanwhile, off the downtime.
                 image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))
+            if leave_running:
+                # A backup: the container is frozen while CRIU writes its pages. Flushing other dirty
+                # data first, and saving the image only afterwards, keeps that freeze as short as
+                # podman's own (nothing competes with CRIU for the disk).
+                await asyncio.to_thread(os.sync)
             emit("dump", f"dumping {info.name} with CRIU", 0, 0)
             archive = os.path.join(stage, "checkpoint.tar")
             stats = await self.runtime.checkpoint(info.name, archive, leave_running)
             dumped = True
+            if ship_image and image_task is None:
+                image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))
             timings["dump"] = stats.seconds
             if stats.frozen_seconds is not None:   # CRIU's own figure (docker does not report it)
                 timings["frozen"] = stats.frozen_seconds

@@ -342,6 +342,24 @@ def test_hooks_and_restore_of_the_second_to_last_point(cluster):
     assert len(cluster.cli_json("backups", "--schedule", sched)) == 3   # dry run changed nothing
 
 
+def test_a_label_selector_follows_a_migrated_container(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name("labelled")
+    app = f"db-{web}"
+    sched = f"label-{web}"
+    a.run_workload(web, MIB, labels={"app": app})
+    cluster.cli("schedule", "create", sched, "--label", f"app={app}", "--every", "1h", "--keep-last", "5")
+    cluster.cli("schedule", "run", sched)
+    assert wait_jobs(cluster, sched, 1)[-1]["state"] == "succeeded"
+    assert cluster.cli_json("migrate", f"host-a/{web}", "--to", "host-b")["state"] == "succeeded"
+    cluster.cli("schedule", "run", sched)
+    assert wait_jobs(cluster, sched, 2)[-1]["state"] == "succeeded"
+    history = cluster.cli_json("backups", "--schedule", sched)
+    assert [h["host"] for h in history] == ["host-a", "host-b"]          # one history, two hosts
+    assert {h["container_name"] for h in history} == {web}
+    assert b.status(web)["verified"] in ("never", "ok")
+
+
 def test_a_missed_run_runs_once_after_a_controller_restart(cluster):
     a = cluster.hosts["host-a"]
     web = name("missed")

@@ -86,9 +86,10 @@ class Host:
         return self.podman(*args, rootfs_tar(with_workload), ref).stdout.strip()
 
     def run_workload(self, name: str, mib: int, image: str = "localhost/stasis-memhold:1",
-                     compressible_percent: int = 0) -> None:
-        self.podman("run", "-d", "--network", "none", "--name", name, image, "/bin/memhold", str(mib),
-                    str(compressible_percent))
+                     compressible_percent: int = 0, labels: dict[str, str] | None = None) -> None:
+        label_args = [a for k, v in (labels or {}).items() for a in ("--label", f"{k}={v}")]
+        self.podman("run", "-d", "--network", "none", "--name", name, *label_args, image, "/bin/memhold",
+                    str(mib), str(compressible_percent))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
