@@ -58,6 +58,7 @@ if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; then
           awk '/criu_'"$CRIU_VERSION"'.orig.tar.xz/ {print $1; exit}')
     [ -n "$url" ] || die "apt does not know criu $CRIU_VERSION source; check $src_list"
     work=$(mktemp -d); chmod 755 "$work"
+    id _apt >/dev/null 2>&1 && chown _apt "$work"   # apt-helper downloads as _apt
     /usr/lib/apt/apt-helper download-file "$url" "$work/criu.tar.xz" "SHA256:$CRIU_SHA256" >/dev/null
     tar -C "$work" -xf "$work/criu.tar.xz"
     (cd "$work"/criu-"$CRIU_VERSION" && make -j"$(nproc)" criu >"$work/build.log" 2>&1) || \
