@@ -13,10 +13,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+
+from child import run_child
 
 PASSWORD = "bench-password"
 
@@ -37,13 +38,8 @@ def child(step: str, url: str, path: str, artifact: str) -> None:
 
 
 def run(*args: str) -> tuple[float, int]:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "STASIS_LOG_LEVEL": "warning"})
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{args[0]} failed")
-    return json.loads(out)["seconds"], usage.ru_maxrss * 1024
+    doc, rss = run_child(__file__, *args)
+    return doc["seconds"], rss
 
 
 def main() -> int:

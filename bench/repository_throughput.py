@@ -30,6 +30,8 @@ import time
 import boto3
 from boto3.s3.transfer import TransferConfig
 
+from child import run_child as child_process
+
 from stasis.testbed.cluster import Cluster, Host
 from stasis.testbed.images import WORKLOAD_IMAGE
 from stasis.testbed.seaweed import SeaweedFS
@@ -57,13 +59,7 @@ def child(argv: list[str]) -> None:
 
 
 def run_child(*args: str) -> tuple[dict, int]:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "STASIS_LOG_LEVEL": "warning"})
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"child {args[0]} failed")
-    return json.loads(out), usage.ru_maxrss * 1024
+    return child_process(__file__, *args)
 
 
 def packs_bytes(s3, bucket: str) -> int:
