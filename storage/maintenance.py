@@ -147,13 +147,11 @@ def check(repo: Repository, read_data: bool = False, subset: float = 1.0,
           progress: Callable[[int, int], None] | None = None) -> CheckReport:
     report = CheckReport()
     with repo.lock("shared"):
-        tables: dict[str, dict] = {}
+        tables = _merged(_index_files(repo, report.problems))   # every index's view of each pack
         chunk_pack: dict[bytes, str] = {}
-        for packs in _index_files(repo, report.problems).values():
-            for pack_id, table in packs.items():
-                tables.setdefault(pack_id, table)
-                for chunk_id, *_ in _table_chunks(table):
-                    chunk_pack.setdefault(chunk_id, pack_id)
+        for pack_id, m in tables.items():
+            for chunk_id in m["chunks"]:
+                chunk_pack.setdefault(chunk_id, pack_id)
         users: dict[bytes, set[str]] = collections.defaultdict(set)
         for ident in repo.checkpoint_ids():
             report.checkpoints += 1
@@ -172,7 +170,7 @@ def check(repo: Repository, read_data: bool = False, subset: float = 1.0,
                 report.damaged_checkpoints.add(ident)
 
         def affected(pack_id: str) -> set[str]:
-            return {cp for chunk_id, *_ in _table_chunks(tables[pack_id]) for cp in users.get(chunk_id, ())}
+            return {cp for chunk_id in tables[pack_id]["chunks"] for cp in users.get(chunk_id, ())}
 
         def damage(problem: str, pack_id: str) -> None:
             hit = affected(pack_id)
@@ -203,7 +201,8 @@ def check(repo: Repository, read_data: bool = False, subset: float = 1.0,
     return report
 
 
-def _read_pack(repo: Repository, pack_id: str, table: dict) -> str | None:
+def _read_pack(repo: Repository, pack_id: str, merged: dict) -> str | None:
+    """Read a whole pack: its own hash, its trailer, every blob, every chunk's keyed id."""
     what = f"pack {pack_id[:12]}"
     try:
         data = repo.backend.load(pack_key(pack_id))
@@ -213,13 +212,16 @@ def _read_pack(repo: Repository, pack_id: str, table: dict) -> str | None:
         return f"{what} is corrupted (its hash does not match its name)"
     try:
         read_trailer(repo.sealer, data, what)
-        plains = {}
-        for chunk_id, blob, offset, length in _table_chunks(table):
-            if blob not in plains:
-                b_off, b_len, b_plain = table["blobs"][blob]
-                plains = {blob: decode_blob(repo.sealer, data[b_off:b_off + b_len], b_plain, f"{what} blob {blob}")}
-            if repo.sealer.chunk_id(plains[blob][offset:offset + length]) != chunk_id:
-                return f"{what}: chunk {chunk_id.hex()[:12]} does not match its id"
+        by_blob: dict[int, list] = collections.defaultdict(list)
+        for chunk_id, (blob_offset, offset, length) in merged["chunks"].items():
+            by_blob[blob_offset].append((chunk_id, offset, length))
+        for blob_offset, members in sorted(by_blob.items()):
+            _, b_len, b_plain = merged["blobs"][blob_offset]
+            plain = decode_blob(repo.sealer, data[blob_offset:blob_offset + b_len], b_plain,
+                                f"{what} blob at {blob_offset}")
+            for chunk_id, offset, length in members:
+                if repo.sealer.chunk_id(plain[offset:offset + length]) != chunk_id:
+                    return f"{what}: chunk {chunk_id.hex()[:12]} does not match its id"
     except IntegrityError as exc:
         return exc.message
     return None
