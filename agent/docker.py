@@ -16,6 +16,7 @@ same manifest format as podman's, with the runtime named in it.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -40,18 +41,18 @@ _MAX_CONFIG = 4 << 20
 
 class DockerRuntime(Runtime):
     name = "docker"
-    archive_includes_image = True   # the committed image ships inside the checkpoint archive
+    archive_includes_image = True
 
     def __init__(self, base_url: str = "unix:///var/run/docker.sock", timeout: float = 1800):
         self.base_url = base_url
-        self.client = docker.APIClient(base_url=base_url, timeout=timeout, version="auto") \
-            if _reachable(base_url) else None
+        self.timeout = timeout
+        self.client: docker.APIClient | None = None   # connected on first use
 
     # ------------------------------------------------------------------ helpers
 
     def _api(self) -> docker.APIClient:
         if self.client is None:
-            self.client = docker.APIClient(base_url=self.base_url, timeout=1800, version="auto")
+            self.client = docker.APIClient(base_url=self.base_url, timeout=self.timeout, version="auto")
         return self.client
 
     async def _call(self, fn, *args, **kwargs):
@@ -286,7 +287,6 @@ def _write_archive(path: str, checkpoint_dir: str, image_tar: str, config: dict)
         data = json.dumps(config).encode()
         info = tarfile.TarInfo("config.json")
         info.size = len(data)
-        import io
         tar.addfile(info, io.BytesIO(data))
         tar.add(image_tar, arcname="image.tar")
         tar.add(checkpoint_dir, arcname="checkpoint")
@@ -331,5 +331,5 @@ def _strip(image_id: str) -> str:
     return image_id.split(":", 1)[1] if image_id.startswith("sha256:") else image_id
 
 
-def _reachable(base_url: str) -> bool:
+def engine_socket_exists(base_url: str) -> bool:
     return not base_url.startswith("unix://") or os.path.exists(base_url[len("unix://"):])

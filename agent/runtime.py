@@ -44,6 +44,9 @@ class RestoreStats:
 
 class Runtime(abc.ABC):
     name: str
+    #: the checkpoint archive carries the container's image (docker: a commit), so the agent
+    #: neither ships nor checks the image separately
+    archive_includes_image: bool = False
 
     @abc.abstractmethod
     async def version(self) -> str: ...

@@ -118,7 +118,8 @@ class AgentService:
         loading its index would otherwise count as downtime in the first migration."""
         if self.repository and self.repository not in self._repos:
             try:
-                await self._open("")
+                repo = await self._open("")
+                await asyncio.to_thread(repo.refresh_index)
             except StasisError as exc:
                 log.warning("cannot open the repository yet", repository=self.repository, error=exc.message)
 
@@ -168,7 +169,7 @@ class AgentService:
         image_task = None
         try:
             stage = tempfile.mkdtemp(prefix=f"ckpt-{ckpt_id}-", dir=os.path.join(self.work_dir, "stage"))
-            ship_image = not getattr(self.runtime, "archive_includes_image", False)   # docker: in the archive
+            ship_image = not self.runtime.archive_includes_image
             if ship_image and not leave_running:
                 # A stopping dump (migration): ship the immutable image meanwhile, off the downtime.
                 image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))
@@ -253,9 +254,7 @@ class AgentService:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
                                      f"this host runs {self.runtime.name}")
         name = check_name(name or manifest.container.name)
-        in_archive = getattr(self.runtime, "archive_includes_image", False)
-        taken, have_image = await asyncio.gather(
-            self._exists(name), _true() if in_archive else self.runtime.image_exists(manifest.container.image_id))
+        taken, have_image = await asyncio.gather(self._exists(name), self._has_image(manifest))
         if taken:
             raise AlreadyExists(f"a container named {name!r} already exists on {self.host_name}; "
                                 f"restore under another name with --name")
@@ -306,6 +305,9 @@ class AgentService:
                 await asyncio.to_thread(shutil.rmtree, stage, True)
             await asyncio.to_thread(lock.release)
 
+    async def _has_image(self, manifest: Manifest) -> bool:
+        return self.runtime.archive_includes_image or await self.runtime.image_exists(manifest.container.image_id)
+
     async def _exists(self, name: str) -> bool:
         try:
             await self.runtime.inspect(name)
@@ -324,7 +326,3 @@ class AgentService:
             raise RuntimeFailure(f"image {manifest.container.image} loaded but id "
                                  f"{manifest.container.image_id[:12]} is absent")
         timings["image_load"] = time.monotonic() - started
-
-
-async def _true() -> bool:
-    return True

@@ -84,6 +84,17 @@ def emit_json(doc: Any) -> None:
     sys.stdout.write("\n")
 
 
+def output(args, doc: Any, text: str | None = None) -> None:
+    """One JSON document with --json; otherwise `text`, or the document as `key: value` lines."""
+    if args.json:
+        emit_json(doc)
+    elif text is not None:
+        print(text)
+    else:
+        for key, value in doc.items():
+            print(f"{key}: {value}")
+
+
 def table(rows: list[list[str]], headers: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -258,12 +269,7 @@ def cmd_ps(args, client: Client) -> int:
 
 def cmd_checkpoints(args, client: Client) -> int:
     if args.id:
-        c = client.call("GetCheckpoint", pb.GetCheckpointRequest(id=args.id))
-        if args.json:
-            emit_json(checkpoint_doc(c))
-        else:
-            for k, v in checkpoint_doc(c).items():
-                print(f"{k}: {v}")
+        output(args, checkpoint_doc(client.call("GetCheckpoint", pb.GetCheckpointRequest(id=args.id))))
         return 0
     items = client.call("ListCheckpoints", pb.ListCheckpointsRequest(container=args.container or "",
                                                                      host=args.host or "")).checkpoints
@@ -311,10 +317,6 @@ def _labels(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
-def schedule_doc(s: pb.Schedule) -> dict[str, Any]:
-    return to_dict(s)
-
-
 def cmd_schedule(args, client: Client) -> int:
     from stasis.controller.retention import parse_duration
 
@@ -329,7 +331,7 @@ def cmd_schedule(args, client: Client) -> int:
     elif action == "list":
         items = client.call("ListSchedules", pb.ListSchedulesRequest()).schedules
         if args.json:
-            emit_json([schedule_doc(s) for s in items])
+            emit_json([to_dict(s) for s in items])
         else:
             table([[s.name, s.selector or ",".join(f"{k}={v}" for k, v in s.labels.items()),
                     s.cron or f"every {s.every_seconds:g}s", "paused" if s.paused else "active", s.last_run,
@@ -345,17 +347,13 @@ def cmd_schedule(args, client: Client) -> int:
         return 0 if ids else EXIT_FAILED
     elif action == "delete":
         client.call("DeleteSchedule", pb.ScheduleName(name=args.name))
-        emit_json({"deleted": args.name}) if args.json else print(f"deleted schedule {args.name}")
+        output(args, {"deleted": args.name}, f"deleted schedule {args.name}")
         return 0
     elif action in ("pause", "resume"):
         result = client.call("PauseSchedule", pb.PauseScheduleRequest(name=args.name, paused=action == "pause"))
     else:
         result = client.call("GetSchedule", pb.ScheduleName(name=args.name))
-    if args.json:
-        emit_json(schedule_doc(result))
-    else:
-        for k, v in schedule_doc(result).items():
-            print(f"{k}: {v}")
+    output(args, to_dict(result))
     return 0
 
 
@@ -539,13 +537,13 @@ def cmd_repo_key(args) -> int:
         if not new:
             raise InvalidArgument("give the new password with --new-password-file or STASIS_NEW_PASSWORD")
         key_id = repo.add_key(_password(args), new)
-        emit_json({"added": key_id}) if args.json else print(f"added key {key_id}")
+        output(args, {"added": key_id}, f"added key {key_id}")
     elif args.key_command == "remove":
         repo.remove_key(args.id)
-        emit_json({"removed": args.id}) if args.json else print(f"removed key {args.id}")
+        output(args, {"removed": args.id}, f"removed key {args.id}")
     else:
         ids = repo.key_ids()
-        emit_json(ids) if args.json else print("\n".join(ids))
+        output(args, ids, "\n".join(ids))
     return 0
 
 
@@ -589,14 +587,14 @@ def _runtime(args):
     """podman or docker; `auto` picks the one engine present and refuses to guess between two."""
     import shutil
 
-    from stasis.agent.docker import DockerRuntime, _reachable
+    from stasis.agent.docker import DockerRuntime, engine_socket_exists
     from stasis.agent.podman import PodmanRuntime
 
     docker_host = args.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     choice = args.runtime
     if choice == "auto":
-        found = [n for n, ok in (("podman", shutil.which("podman")), ("docker", _reachable(docker_host)
-                                                                       and docker_host != "")) if ok]
+        found = [n for n, ok in (("podman", shutil.which("podman")), ("docker", engine_socket_exists(docker_host)))
+                 if ok]
         if len(found) != 1:
             raise InvalidArgument(f"found {' and '.join(found) or 'no container engine'}: choose one with "
                                   f"--runtime podman|docker")

@@ -160,20 +160,28 @@ class Schedules:
 
     async def run_now(self, name: str) -> list[str]:
         spec = self._spec(self._row(name))
-        jobs = await self.start_backups(spec)
+        self.running.add(spec.name)
+        try:
+            jobs = await self.start_backups(spec)
+        except BaseException:
+            self.running.discard(spec.name)
+            raise
         self._spawn(self._finish(spec, jobs))
         return [j.id for j in jobs]
 
     async def run(self, spec: pb.Schedule) -> None:
+        self.running.add(spec.name)   # from here until its backups end, the loop will not start it again
         try:
             jobs = await self.start_backups(spec)
-        except StasisError as exc:
+        except BaseException as exc:
+            self.running.discard(spec.name)
+            if not isinstance(exc, StasisError):
+                raise
             self._result(spec.name, f"failed: {exc.message}")
             return
         await self._finish(spec, jobs)
 
     async def _finish(self, spec: pb.Schedule, jobs: list["Job"]) -> None:
-        self.running.add(spec.name)
         try:
             await asyncio.gather(*(j.done.wait() for j in jobs))
             ok = sum(j.row.state == "succeeded" for j in jobs)

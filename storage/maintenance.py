@@ -15,7 +15,7 @@ from stasis.errors import FailedPrecondition, IntegrityError, StasisError
 from stasis.storage.backend import ObjectNotFound
 from stasis.storage.crypto import content_hash
 from stasis.storage.manifest import Artifact, Manifest
-from stasis.storage.pack import ID, PackBuilder, decode_blob, pack_key, read_trailer
+from stasis.storage.pack import PackBuilder, decode_blob, pack_key, read_trailer, table_chunks
 from stasis.storage.repository import Repository
 
 log = structlog.get_logger("stasis.storage")
@@ -53,18 +53,11 @@ def _merged(index_files: dict[str, dict[str, dict]]) -> dict[str, dict]:
     for packs in index_files.values():
         for pack_id, table in packs.items():
             m = merged.setdefault(pack_id, {"size": table["size"], "blobs": {}, "chunks": {}})
-            for chunk_id, blob, offset, length in _table_chunks(table):
+            for chunk_id, blob, offset, length in table_chunks(table):
                 b = table["blobs"][blob]
                 m["blobs"][b[0]] = b
                 m["chunks"].setdefault(chunk_id, (b[0], offset, length))
     return merged
-
-
-def _table_chunks(table: dict):
-    """(chunk id, blob index, offset, length) of every chunk a pack table lists."""
-    ids = table["ids"]
-    for i, (blob, offset, length) in enumerate(table["chunks"]):
-        yield ids[i * ID:(i + 1) * ID], blob, offset, length
 
 
 # ---------------------------------------------------------------------------- info and stats

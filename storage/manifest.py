@@ -10,7 +10,7 @@ import base64
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import zstandard
 
@@ -37,15 +37,19 @@ class Artifact:
     media_type: str = "application/x-tar"
 
     @classmethod
-    def build(cls, chunks: list[tuple[bytes, int]], media_type: str = "application/x-tar") -> "Artifact":
+    def build(cls, chunks: Iterable[tuple[bytes, int]], media_type: str = "application/x-tar") -> "Artifact":
+        """From (id, size) pairs, consumed as they come (a generator keeps only ids and runs)."""
+        ids = bytearray()
         runs: list[list[int]] = []
-        for _, size in chunks:
+        total = 0
+        for chunk_id, size in chunks:
+            ids += chunk_id
+            total += size
             if runs and runs[-1][0] == size:
                 runs[-1][1] += 1
             else:
                 runs.append([size, 1])
-        return cls(sum(s for _, s in chunks), b"".join(i for i, _ in chunks),
-                   tuple((s, n) for s, n in runs), media_type)
+        return cls(total, bytes(ids), tuple((s, n) for s, n in runs), media_type)
 
     @property
     def count(self) -> int:

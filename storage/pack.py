@@ -12,6 +12,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import zstandard
 
@@ -99,13 +100,18 @@ def pack_key(pack_id: str) -> str:
     return f"packs/{pack_id[:2]}/{pack_id}"
 
 
-def locations(pack_id: str, table: dict) -> list[tuple[bytes, Location]]:
-    ids, blobs = table["ids"], table["blobs"]
-    out = []
-    for i, (blob_index, offset, length) in enumerate(table["chunks"]):
-        b = blobs[blob_index]
-        out.append((ids[i * ID:(i + 1) * ID], Location(pack_id, b[0], b[1], b[2], offset, length)))
-    return out
+def table_chunks(table: dict) -> Iterator[tuple[bytes, int, int, int]]:
+    """(chunk id, blob index, offset in blob plaintext, length) of every chunk a pack table lists."""
+    ids = table["ids"]
+    for i, (blob, offset, length) in enumerate(table["chunks"]):
+        yield ids[i * ID:(i + 1) * ID], blob, offset, length
+
+
+def locations(pack_id: str, table: dict) -> Iterator[tuple[bytes, Location]]:
+    blobs = table["blobs"]
+    for chunk_id, blob, offset, length in table_chunks(table):
+        b = blobs[blob]
+        yield chunk_id, Location(pack_id, b[0], b[1], b[2], offset, length)
 
 
 def check_table(table, what: str, limit: int | None = None) -> dict:

@@ -172,9 +172,9 @@ class Repository:
             assert 1 << 20 <= config.pack_size <= 1 << 30
         except (KeyError, TypeError, ValueError, AssertionError):
             raise IntegrityError(f"{backend.url}/config is malformed") from None
-        repo = cls(backend, sealer, config)
-        repo.refresh_index()
-        return repo
+        # The chunk index loads on demand (lock(), fetch_file, image_artifact, maintenance): a
+        # controller that only lists manifests never pays for it.
+        return cls(backend, sealer, config)
 
     @classmethod
     def _unlock_config(cls, backend: Backend, key_files: list[str], password: str, body: str):
@@ -308,22 +308,19 @@ class Repository:
 
         With `lock`, the lock is verified to be still held before the index is written."""
         writer = PackWriter(self, lock=lock)
-        ids = bytearray()            # 32 bytes a chunk: 8 MiB for a 1 GiB archive
-        runs: list[list[int]] = []   # chunk sizes, run-length encoded
         total = os.path.getsize(path)
-        done = 0
         fd = os.open(path, os.O_RDONLY)
-        try:
+
+        def chunks() -> Iterator[tuple[bytes, int]]:
+            done = 0
             for listed in writer.run(fd, pieces(path, self.config.chunker)):
-                for chunk_id, size in listed:
-                    ids += chunk_id
-                    done += size
-                    if runs and runs[-1][0] == size:
-                        runs[-1][1] += 1
-                    else:
-                        runs.append([size, 1])
+                yield from listed
+                done += sum(size for _, size in listed)
                 if progress:
                     progress(done, total)
+
+        try:
+            artifact = Artifact.build(chunks(), media_type)
             writer.close()
         finally:
             writer.abort()
@@ -332,7 +329,7 @@ class Repository:
             stats["new_bytes"] = stats.get("new_bytes", 0) + writer.stored_bytes
         if progress:
             progress(total, total)
-        return Artifact(done, bytes(ids), tuple((s, n) for s, n in runs), media_type)
+        return artifact
 
     def write_manifest(self, manifest: Manifest, lock: Lock | None = None) -> None:
         # Every chunk the manifest names is in an index before it: the manifest is the commit point.

@@ -128,6 +128,7 @@ def _corrupt_one_object(cluster, ckpt: str):
     try:
         repo = Repository.open(cluster.repo_url, cluster.env["STASIS_PASSWORD"])
         manifest = repo.read_manifest(ckpt)
+        repo.refresh_index()
         chunks = list(manifest.checkpoint.chunks())
         where = repo.index[chunks[len(chunks) // 2][0]]
         key = pack_key(where.pack)

@@ -12,7 +12,6 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.environ.get("STASIS_TESTBED_CACHE", "/var/cache/stasis-testbed")
 WORKLOAD_IMAGE = "localhost/stasis-memhold:1"
-BUSYBOX_IMAGE = "localhost/stasis-busybox:1"
 BUSYBOX = "/bin/busybox"
 
 
