@@ -9,10 +9,13 @@ import grpc
 import structlog
 
 from stasis.agent.service import AgentService
-from stasis.errors import CHANNEL_OPTIONS, from_rpc_error, listen_on, rpc_errors
+from stasis.errors import SERVER_OPTIONS, from_rpc_error, rpc_errors
 from stasis.proto import convert
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
+from stasis.security.authz import AuthInterceptor, daemon, service_methods
+from stasis.security.pki import CONTROLLER_SERVER_NAME
+from stasis.security.tls import Transport
 
 log = structlog.get_logger("stasis.agent")
 _DONE = object()
@@ -93,13 +96,24 @@ class AgentServicer(pb_grpc.AgentServicer):
         return pb.RemoveContainerResponse()
 
 
-async def _register_loop(service: AgentService, controller: str, advertise: str) -> None:
+# Agents serve the controller only. (Agent-to-agent transfer, when it comes, admits a peer agent
+# for one job with a ticket the controller signed.)
+RULES = {method: daemon("controller") for method in service_methods(pb.DESCRIPTOR.services_by_name["Agent"])}
+
+
+async def _register_loop(service: AgentService, controller: str, advertise: str, transport: Transport) -> None:
     """Register with the controller, then heartbeat; re-register whenever it forgets us."""
     registered = False
     delay = 1.0
-    async with grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.ControllerStub(channel)
+    channel, stamp = None, None
+    try:
         while True:
+            if transport.stamp() != stamp:   # a rotated bundle: new connections present the new certificate
+                if channel is not None:
+                    asyncio.ensure_future(channel.close(grace=5))
+                stamp = transport.stamp()
+                channel = transport.aio_channel(controller, CONTROLLER_SERVER_NAME)
+                stub = pb_grpc.ControllerStub(channel)
             try:
                 if not registered:
                     info = convert.host_info_pb(await service.host_info())
@@ -112,6 +126,7 @@ async def _register_loop(service: AgentService, controller: str, advertise: str)
                 else:
                     reply = await stub.Heartbeat(pb.HeartbeatRequest(name=service.host_name), timeout=5)
                     registered = reply.known
+                service.deny.replace([convert.revocation(r) for r in reply.revocations])
                 await asyncio.sleep(delay)
             except grpc.RpcError as err:
                 log.warning("controller unreachable; retrying", error=str(from_rpc_error(err, controller)))
@@ -123,16 +138,21 @@ async def _register_loop(service: AgentService, controller: str, advertise: str)
                 log.warning("registration failed; retrying", error=str(exc))
                 registered = False
                 await asyncio.sleep(5.0)
+    finally:
+        if channel is not None:
+            await channel.close()
 
 
-async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None,
+                transport: Transport) -> None:
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=[AuthInterceptor(RULES, service.deny, transport.secure)])
     pb_grpc.add_AgentServicer_to_server(AgentServicer(service), server)
-    listen_on(server, listen)
+    transport.listen(server, listen)
     await server.start()
     address = advertise or listen
-    log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid())
-    tasks = [asyncio.ensure_future(_register_loop(service, controller, address))] if controller else []
+    log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid(), tls=transport.secure)
+    tasks = [asyncio.ensure_future(_register_loop(service, controller, address, transport))] if controller else []
     tasks.append(asyncio.ensure_future(service.warm_up()))
     try:
         await server.wait_for_termination()

@@ -23,6 +23,8 @@ from stasis.agent.probe import criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
 from stasis.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                            RuntimeFailure, StasisError)
+from stasis.security.provenance import Signer, Verifier
+from stasis.security.revocation import DenyList
 from stasis.storage.manifest import Artifact, ContainerRef, Manifest
 from stasis.storage.repository import Repository, new_checkpoint_id, now_rfc3339
 
@@ -40,8 +42,14 @@ class RestoreOutcome:
 
 class AgentService:
     def __init__(self, host_name: str, runtime: Runtime, work_dir: str, repository: str = "",
-                 password: str | None = None):
+                 password: str | None = None, signer: Signer | None = None, verifier: Verifier | None = None,
+                 deny: DenyList | None = None):
         self.host_name = host_name
+        # Provenance: checkpoints leave signed, and nothing unsigned or forged is restored. Without
+        # TLS (--insecure) there is no CA to check against and both are None.
+        self.signer = signer
+        self.verifier = verifier
+        self.deny = deny or DenyList()
         self._password = password            # unlocks an encrypted repository; never logged
         self._repos: dict[str, Repository] = {}
         # The one repository this agent reads and writes: from --repo, else from the controller at
@@ -203,6 +211,8 @@ class AgentService:
                 container=ContainerRef(info.id, info.name, info.image, info.image_id, info.labels),
                 leave_running=leave_running, checkpoint=artifact, image=image, timings=timings,
                 criu_stats=stats.criu, tags=tags, new_bytes=stored.get("new_bytes", 0))
+            if self.signer is not None:
+                manifest = self.signer.sign(manifest)
             await asyncio.to_thread(repo.write_manifest, manifest, lock)
             log.info("checkpoint stored", checkpoint=ckpt_id, container=info.name, bytes=size,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
@@ -250,6 +260,10 @@ class AgentService:
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit) -> RestoreOutcome:
         repo = await self._open(repo_url)
         manifest = await asyncio.to_thread(repo.read_manifest, checkpoint_id)
+        if self.verifier is not None:   # before a single chunk is fetched
+            signer = self.verifier.verify(manifest)
+            log.info("checkpoint provenance verified", checkpoint=manifest.id,
+                     signer=signer.principal if signer else "unsigned (allowed)")
         if manifest.runtime != self.runtime.name:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
                                      f"this host runs {self.runtime.name}")

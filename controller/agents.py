@@ -7,9 +7,11 @@ from typing import Callable
 
 import grpc
 
-from stasis.errors import CHANNEL_OPTIONS, DeadlineExceeded, Unavailable, from_rpc_error
+from stasis.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
+from stasis.security.pki import agent_server_name
+from stasis.security.tls import Transport
 
 QUICK = 15.0          # seconds for queries
 LONG = 3600.0         # seconds for a checkpoint or restore of many GiB
@@ -17,11 +19,26 @@ REATTACH = (1, 2, 4, 8)  # seconds between re-attempts of an idempotent long cal
 
 
 class AgentClient:
-    def __init__(self, name: str, address: str):
+    def __init__(self, name: str, address: str, transport: Transport | None = None):
         self.name = name
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.AgentStub(self.channel)
+        self.transport = transport or Transport.insecure()
+        self._stamp = self.transport.stamp()
+        # TLS: the agent must prove it is NAME.agent.stasis, whatever address it registered.
+        self.channel = self.transport.aio_channel(address, agent_server_name(name))
+        self._stub = pb_grpc.AgentStub(self.channel)
+
+    @property
+    def stub(self) -> pb_grpc.AgentStub:
+        if self.transport.stamp() != self._stamp:
+            # Our bundle was rotated: new calls go over a channel with the new certificate; calls in
+            # flight finish on the old one.
+            old = self.channel
+            self._stamp = self.transport.stamp()
+            self.channel = self.transport.aio_channel(self.address, agent_server_name(self.name))
+            self._stub = pb_grpc.AgentStub(self.channel)
+            asyncio.ensure_future(old.close(grace=LONG))
+        return self._stub
 
     @property
     def peer(self) -> str:

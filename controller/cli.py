@@ -19,19 +19,29 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from stasis import __version__
+from stasis.controller import security_cli
 from stasis.errors import FailedPrecondition, InvalidArgument, StasisError, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
+from stasis.security.pki import CONTROLLER_SERVER_NAME
+from stasis.security.tls import Transport, transport_from_args
 
 DEFAULT_CONTROLLER = "127.0.0.1:7070"
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 class Client:
-    def __init__(self, address: str):
+    def __init__(self, address: str, transport: Callable[[], Transport]):
         self.address = address
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.ControllerStub(self.channel)
+        self._transport = transport
+        self._stub: pb_grpc.ControllerStub | None = None
+
+    @property
+    def stub(self) -> pb_grpc.ControllerStub:
+        # Connect on first use: a usage error is reported before any certificate is read.
+        if self._stub is None:
+            self._stub = pb_grpc.ControllerStub(self._transport().channel(self.address, CONTROLLER_SERVER_NAME))
+        return self._stub
 
     def call(self, method: str, request, timeout: float = 30.0):
         try:
@@ -565,7 +575,8 @@ def cmd_controller_serve(args) -> int:
             raise FailedPrecondition(f"no repository at {args.repo} yet: set STASIS_PASSWORD (or --password-file) "
                                      f"to create an encrypted one, or pass --no-encryption") from None
         repo = Repository.init(args.repo, password, encrypt=not args.no_encryption)
-    service = ControllerService(Store(args.state), repo, heartbeat_seconds=args.heartbeat)
+    transport = _daemon_transport(args, "controller", "controller")
+    service = ControllerService(Store(args.state), repo, heartbeat_seconds=args.heartbeat, transport=transport)
     return _run_daemon(serve(service, args.listen))
 
 
@@ -577,10 +588,29 @@ def cmd_agent_serve(args) -> int:
     logs.configure()
     if os.geteuid() != 0:
         raise StasisError("the agent must run as root: CRIU needs it to dump and restore processes")
+    from stasis.security.provenance import Signer, Verifier
+    from stasis.security.revocation import DenyList
+
+    transport = _daemon_transport(args, "agent", args.host_name)
     runtime = _runtime(args)
     work_dir = args.work_dir or f"/var/lib/stasis/agent/{args.host_name}"
-    service = AgentService(args.host_name, runtime, work_dir, args.repo or "", _password(args))
-    return _run_daemon(serve(service, args.listen, args.controller, args.advertise))
+    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    # The controller's deny list as last heard, so a restarted agent still refuses what it refused.
+    deny = DenyList(path=os.path.join(work_dir, "revocations.json"))
+    signer = Signer(args.tls) if transport.secure else None
+    verifier = Verifier(transport.ca_certs, deny, args.allow_unsigned) if transport.secure else None
+    service = AgentService(args.host_name, runtime, work_dir, args.repo or "", _password(args),
+                           signer=signer, verifier=verifier, deny=deny)
+    return _run_daemon(serve(service, args.listen, args.controller, args.advertise, transport))
+
+
+def _daemon_transport(args, kind: str, name: str) -> Transport:
+    transport = transport_from_args(args.tls, args.insecure, f"the {kind}")
+    ident = transport.identity
+    if ident is not None and (ident.kind, ident.name) != (kind, name):
+        raise FailedPrecondition(f"the bundle in {args.tls} is {ident.principal}'s, not {kind}:{name}'s: "
+                                 f"issue one with 'stasis certs issue {kind} {name}'")
+    return transport
 
 
 def _runtime(args):
@@ -625,6 +655,12 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
     p.add_argument("--controller",
                    default=os.environ.get("STASIS_CONTROLLER", DEFAULT_CONTROLLER) if defaults else argparse.SUPPRESS,
                    help=f"controller address (default: $STASIS_CONTROLLER or {DEFAULT_CONTROLLER})")
+    p.add_argument("--tls", metavar="DIR",
+                   default=os.environ.get("STASIS_TLS") or None if defaults else argparse.SUPPRESS,
+                   help="TLS bundle (ca.crt, tls.crt, tls.key) from 'stasis certs issue' (default: $STASIS_TLS, "
+                        "else ~/.config/stasis/tls for commands, /etc/stasis/tls/KIND for daemons)")
+    p.add_argument("--insecure", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                   help="no TLS and no authentication: plaintext, loopback addresses only (not advised)")
     return p
 
 
@@ -671,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repo", help="the only repository this agent uses (default: the controller's, "
                                   "learnt at registration)")
     s.add_argument("--password-file", help="repository password (default: $STASIS_PASSWORD)")
+    s.add_argument("--allow-unsigned", action="store_true",
+                   help="also restore checkpoints no agent signed (written before TLS was set up); not advised")
     s.set_defaults(fn=cmd_agent_serve, daemon=True)
 
     add("hosts", "list hosts and their state, runtime and CRIU", cmd_hosts)
@@ -751,6 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("jobs", "list recent jobs, newest first", cmd_jobs)
     p.add_argument("--limit", type=int, default=50, help="how many (default %(default)s)")
 
+    security_cli.add_commands(sub, common, add)
+
     p = add("repo", "work on a repository directly (no controller needed)", None)
     rsub = p.add_subparsers(dest="repo_command", required=True, metavar="COMMAND")
 
@@ -785,6 +825,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_bundle(args) -> str:
+    if getattr(args, "fn", None) is cmd_controller_serve:
+        return "/etc/stasis/tls/controller"
+    if getattr(args, "fn", None) is cmd_agent_serve:
+        return "/etc/stasis/tls/agent"
+    return os.path.join(os.path.expanduser("~"), ".config", "stasis", "tls")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -795,9 +843,12 @@ def main(argv: list[str] | None = None) -> int:
             args.url = os.environ.get("STASIS_REPOSITORY")
         if getattr(args, "repo_command", None) and not args.url:
             raise InvalidArgument("name the repository: stasis repo COMMAND REPO_URL, or set STASIS_REPOSITORY")
+        if not args.tls and not args.insecure:
+            args.tls = _default_bundle(args)
         if getattr(args, "daemon", False):
             return args.fn(args)
-        client = Client(args.controller)
+        client = Client(args.controller,
+                        lambda: transport_from_args(args.tls, args.insecure, "talking to the controller"))
         return args.fn(args, client)
     except StasisError as exc:
         print(f"stasis: error: {exc.message}", file=sys.stderr)

@@ -8,8 +8,10 @@ import os
 import grpc
 import structlog
 
+from stasis.controller.audit import AuditLog
 from stasis.controller.service import ControllerService
-from stasis.errors import listen_on, rpc_errors
+from stasis.errors import SERVER_OPTIONS, rpc_errors
+from stasis.security.authz import AuthInterceptor, admin, daemon, operator, viewer
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
 
@@ -20,14 +22,17 @@ log = structlog.get_logger("stasis.controller")
 class ControllerServicer(pb_grpc.ControllerServicer):
     def __init__(self, service: ControllerService):
         self.service = service
+        self.audit = AuditLog(service.store)
 
     async def RegisterAgent(self, request, context):
         self.service.register(request.name, request.address, request.info)
         return pb.RegisterAgentResponse(repository=self.service.repository.url,
-                                        heartbeat_seconds=self.service.heartbeat_seconds)
+                                        heartbeat_seconds=self.service.heartbeat_seconds,
+                                        revocations=self.service.revocations_pb())
 
     async def Heartbeat(self, request, context):
-        return pb.HeartbeatResponse(known=self.service.heartbeat(request.name))
+        return pb.HeartbeatResponse(known=self.service.heartbeat(request.name),
+                                    revocations=self.service.revocations_pb())
 
     async def ListHosts(self, request, context):
         return pb.ListHostsResponse(hosts=self.service.hosts())
@@ -91,11 +96,39 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     async def Forget(self, request, context):
         return await self.service.schedules.forget(request)
 
+    async def WhoAmI(self, request, context):
+        return self.service.whoami()
+
+    async def Revoke(self, request, context):
+        return self.service.revoke(request.target, request.reason)
+
+    async def ListRevocations(self, request, context):
+        return pb.ListRevocationsResponse(revocations=self.service.revocations_pb())
+
+    async def ListAudit(self, request, context):
+        return pb.ListAuditResponse(entries=self.audit.entries(request.since, request.principal, request.limit))
+
+
+# Who may call what (stasis.security.authz): agents register and report; users by role.
+RULES = {f"/stasis.v1.Controller/{name}": rule for name, rule in {
+    "RegisterAgent": daemon("agent"), "Heartbeat": daemon("agent"),
+    "WhoAmI": viewer(), "ListHosts": viewer(), "ListContainers": viewer(), "ListCheckpoints": viewer(),
+    "GetCheckpoint": viewer(), "GetJob": viewer(), "ListJobs": viewer(), "WatchJob": viewer(),
+    "ListSchedules": viewer(), "GetSchedule": viewer(),
+    "Checkpoint": operator(), "Restore": operator(), "Migrate": operator(), "CreateSchedule": operator(),
+    "PauseSchedule": operator(), "DeleteSchedule": operator(), "RunSchedule": operator(),
+    # Forgetting is what retention does every night; freeing the space for good is an admin's call.
+    "Forget": operator(escalate=lambda r: "admin" if r.prune else ""),
+    "Revoke": admin(), "ListRevocations": admin(), "ListAudit": admin(),
+}.items()}
+
 
 async def serve(service: ControllerService, listen: str) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(service), server)
-    listen_on(server, listen)
+    servicer = ControllerServicer(service)
+    guard = AuthInterceptor(RULES, service.deny, service.transport.secure, servicer.audit)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard])
+    pb_grpc.add_ControllerServicer_to_server(servicer, server)
+    service.transport.listen(server, listen)
     await server.start()
     added = await service.sync_catalog()
     scheduler = asyncio.ensure_future(service.schedules.loop())

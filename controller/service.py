@@ -12,20 +12,28 @@ from google.protobuf import json_format
 
 from stasis.controller.agents import AgentClient
 from stasis.controller.jobs import Job, JobManager
-from stasis.controller.store import CheckpointRow, Store
-from stasis.errors import InvalidArgument, NotFound, StasisError, Unavailable
+from stasis.controller.store import CheckpointRow, RevocationRow, Store
+from stasis.errors import InvalidArgument, NotFound, PermissionDenied, StasisError, Unavailable
 from stasis.proto import convert
 from stasis.proto.v1 import stasis_pb2 as pb
+from stasis.security.authz import CALLER
+from stasis.security.revocation import DenyList, parse_target
+from stasis.security.tls import Transport
 from stasis.storage.repository import Repository
 
 log = structlog.get_logger("stasis.controller")
 
 
 class ControllerService:
-    def __init__(self, store: Store, repository: Repository, heartbeat_seconds: float = 2.0):
+    def __init__(self, store: Store, repository: Repository, heartbeat_seconds: float = 2.0,
+                 transport: Transport | None = None):
         self.store = store
         self.repository = repository
         self.heartbeat_seconds = heartbeat_seconds
+        self.transport = transport or Transport.insecure()
+        self.deny = DenyList([convert.revocation(pb.Revocation(principal=r.principal, serial=r.serial,
+                                                                before=r.before, reason=r.reason))
+                              for r in store.revocations()])
         self.jobs = JobManager(store)
         self._clients: dict[str, AgentClient] = {}
         from stasis.controller.schedules import Schedules
@@ -72,6 +80,7 @@ class ControllerService:
     def register(self, name: str, address: str, info: pb.HostInfo) -> None:
         if not name or len(name) > 128:
             raise InvalidArgument("agent name must be 1-128 characters")
+        self._check_agent_is(name)
         self.store.upsert_host(name, address, json_format.MessageToDict(info, preserving_proto_field_name=True))
         old = self._clients.pop(name, None)
         if old is not None and old.address != address:
@@ -79,7 +88,46 @@ class ControllerService:
         log.info("agent registered", host=name, address=address)
 
     def heartbeat(self, name: str) -> bool:
+        self._check_agent_is(name)
         return self.store.touch_host(name)
+
+    @staticmethod
+    def _check_agent_is(name: str) -> None:
+        # An agent's certificate names its host: host-a's agent cannot register as host-b and have
+        # host-b's migrations sent to it.
+        caller = CALLER.get()
+        if caller is not None and caller.kind == "agent" and caller.name != name:
+            raise PermissionDenied(f"agent:{caller.name} may not speak for host {name!r}")
+
+    # ---------------------------------------------------------------- security
+
+    def revocations_pb(self) -> list[pb.Revocation]:
+        return [convert.revocation_pb(e) for e in self.deny.entries]
+
+    def revoke(self, target: str, reason: str) -> pb.Revocation:
+        entry = parse_target(target, reason)
+        caller = CALLER.get()
+        if caller is not None and not entry.serial and entry.principal == caller.principal:
+            raise InvalidArgument("you would revoke your own certificate; ask another admin")
+        self.store.add_revocation(RevocationRow(principal=entry.principal, serial=f"{entry.serial:x}" if entry.serial
+                                                else "", before=entry.before, reason=entry.reason))
+        self.deny.add(entry)
+        if entry.principal.startswith("agent:"):
+            # Its calls are refused from now on; stop dialing it too.
+            host = entry.principal.split(":", 1)[1]
+            self.store.forget_host(host)
+            client = self._clients.pop(host, None)
+            if client is not None:
+                asyncio.ensure_future(client.close())
+        log.warning("certificate revoked", revocation=entry.describe(), by=caller.principal if caller else "")
+        return self.revocations_pb()[-1]
+
+    def whoami(self) -> pb.WhoAmIResponse:
+        caller = CALLER.get()
+        if caller is None or not self.transport.secure:
+            return pb.WhoAmIResponse(principal="user:insecure", role="admin", tls=False)
+        return pb.WhoAmIResponse(principal=caller.principal, role=caller.role, serial=f"{caller.serial:x}",
+                                 not_after=caller.not_after.isoformat(), tls=True)
 
     def host_state(self, last_seen: float) -> str:
         return "up" if time.time() - last_seen <= 3 * self.heartbeat_seconds + 1 else "down"
@@ -104,7 +152,7 @@ class ControllerService:
                               f"{ago:.0f} s ago; start it or check its logs")
         client = self._clients.get(host)
         if client is None or client.address != row.address:
-            client = self._clients[host] = AgentClient(host, row.address)
+            client = self._clients[host] = AgentClient(host, row.address, self.transport)
         return client
 
     async def containers(self, host: str = "", all: bool = False) -> list[pb.Container]:

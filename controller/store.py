@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, delete, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
@@ -70,6 +70,29 @@ class ScheduleRow(Base):
     last_run: Mapped[float] = mapped_column(Float, default=0.0)
     next_run: Mapped[float] = mapped_column(Float, default=0.0)
     last_result: Mapped[str] = mapped_column(Text, default="")
+
+
+class RevocationRow(Base):
+    __tablename__ = "revocations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    principal: Mapped[str] = mapped_column(String(128), default="")
+    serial: Mapped[str] = mapped_column(String(64), default="")     # hex
+    before: Mapped[str] = mapped_column(String(40), default="")
+    reason: Mapped[str] = mapped_column(String(256), default="")
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[float] = mapped_column(Float, index=True)
+    principal: Mapped[str] = mapped_column(String(128), index=True)
+    role: Mapped[str] = mapped_column(String(16), default="")
+    method: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(Text, default="{}")
+    code: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text, default="")
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    job_id: Mapped[str] = mapped_column(String(64), default="")
 
 
 class Store:
@@ -187,3 +210,33 @@ class Store:
     def checkpoint_ids(self) -> set[str]:
         with self.session() as s:
             return set(s.scalars(select(CheckpointRow.id)))
+
+    # ---------------------------------------------------------------- security
+
+    def add_revocation(self, row: RevocationRow) -> None:
+        with self.session() as s, s.begin():
+            s.add(row)
+
+    def revocations(self) -> list[RevocationRow]:
+        with self.session() as s:
+            return list(s.scalars(select(RevocationRow).order_by(RevocationRow.id)))
+
+    def forget_host(self, name: str) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(HostRow, name)
+            if row is not None:
+                s.delete(row)
+
+    def add_audit(self, row: AuditRow, keep: int = 200_000) -> None:
+        with self.session() as s, s.begin():
+            s.add(row)
+            s.flush()
+            if row.id % 1000 == 0:   # cap the log's size, oldest first, now and then
+                s.execute(delete(AuditRow).where(AuditRow.id <= row.id - keep))
+
+    def audit(self, since: float = 0.0, principal: str = "", limit: int = 100) -> list[AuditRow]:
+        q = select(AuditRow).where(AuditRow.time >= since).order_by(AuditRow.id.desc()).limit(limit)
+        if principal:
+            q = q.where(AuditRow.principal == principal)
+        with self.session() as s:
+            return list(s.scalars(q))

@@ -52,6 +52,10 @@ class PermissionDenied(StasisError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(StasisError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class DeadlineExceeded(StasisError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -71,7 +75,7 @@ class RuntimeFailure(StasisError):
 _BY_CODE: dict[grpc.StatusCode, type[StasisError]] = {
     cls.code: cls
     for cls in (NotFound, InvalidArgument, AlreadyExists, FailedPrecondition, Unavailable,
-                PermissionDenied, DeadlineExceeded, IntegrityError, RuntimeFailure)
+                PermissionDenied, Unauthenticated, DeadlineExceeded, IntegrityError, RuntimeFailure)
 }
 
 
@@ -80,10 +84,18 @@ def from_rpc_error(err: grpc.RpcError, peer: str = "") -> StasisError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     if code == grpc.StatusCode.UNAVAILABLE and peer and not _is_ours(err):
+        if any(s in (details or "") for s in _TLS_TROUBLE):
+            return Unavailable(f"TLS handshake with {peer} failed ({_first_line(details)}): both sides need "
+                               f"current certificates from the same stasis CA (see 'stasis certs show')")
         return Unavailable(f"{peer} is unreachable ({_first_line(details)}); is it running?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and not _is_ours(err):
         return DeadlineExceeded(f"{peer or 'the server'} did not answer in time")
     return _BY_CODE.get(code, StasisError)(details or code.name.lower())
+
+
+# What gRPC says when a TLS handshake fails: the server closes a connection whose certificate it
+# refuses, the client reports a failed verification of the server's.
+_TLS_TROUBLE = ("Socket closed", "ssl", "SSL", "handshake", "Handshake", "certificate", "Hostname Verification")
 
 
 def _is_ours(err: grpc.RpcError) -> bool:
@@ -145,12 +157,5 @@ CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconn
                    ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
-def listen_on(server: grpc.aio.Server, address: str) -> int:
-    """Bind a server's port, or fail with one line (grpcio raises a bare RuntimeError)."""
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise FailedPrecondition(f"cannot listen on {address}: the address is in use or invalid")
-    return port
+# Requests are small (checkpoint bytes never travel in messages): refuse big ones early.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)]

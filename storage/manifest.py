@@ -114,10 +114,13 @@ class Manifest:
     operation_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)   # e.g. schedule=nightly
     new_bytes: int = 0                                     # stored bytes this checkpoint added
+    # The source agent's provenance signature over signed_bytes(): {"alg", "cert", "sig"}.
+    signature: dict[str, str] | None = None
+    # As read back: the exact bytes the signature must cover (set by from_bytes, not compared).
+    parsed_body: bytes = field(default=b"", compare=False, repr=False)
 
-    def to_bytes(self) -> bytes:
-        """The manifest's JSON; the repository seals it (docs/repository-format.md)."""
-        body = {
+    def body(self) -> dict[str, Any]:
+        return {
             "format": FORMAT, "version": VERSION, "id": self.id, "created": self.created,
             "host": self.host, "runtime": self.runtime, "runtime_version": self.runtime_version,
             "criu_version": self.criu_version, "operation_id": self.operation_id,
@@ -127,8 +130,22 @@ class Manifest:
             "timings": self.timings, "criu_stats": self.criu_stats, "tags": self.tags,
             "new_bytes": self.new_bytes,
         }
+
+    def signed_bytes(self) -> bytes:
+        """What the provenance signature covers: every field but the signature, canonical JSON.
+
+        Read back, it is re-derived from the parsed JSON itself, not from the fields, so a signature
+        never depends on how this version of stasis normalises a value.
+        """
+        return self.parsed_body or _canonical(self.body())
+
+    def to_bytes(self) -> bytes:
+        """The manifest's JSON; the repository seals it (docs/repository-format.md)."""
+        body = self.body()
+        if self.signature is not None:
+            body["signature"] = self.signature
         # Compressed: the chunk list of a large checkpoint is megabytes of JSON.
-        return zstandard.ZstdCompressor().compress(json.dumps(body, sort_keys=True).encode())
+        return zstandard.ZstdCompressor().compress(_canonical(body))
 
     @classmethod
     def from_bytes(cls, raw: bytes, where: str = "manifest") -> "Manifest":
@@ -156,6 +173,10 @@ class Manifest:
         arts = data.get("artifacts")
         _expect(isinstance(arts, dict), f"{where}.artifacts", "must be an object")
         image = arts.get("image")
+        signature = data.pop("signature", None)
+        _expect(signature is None or (isinstance(signature, dict) and len(signature) <= 8 and all(
+            isinstance(k, str) and isinstance(v, str) and len(v) < 16384 for k, v in signature.items())),
+            f"{where}.signature", "must map a few names to strings")
         return cls(
             id=ident, created=_str(data.get("created"), f"{where}.created"),
             host=_str(data.get("host"), f"{where}.host"),
@@ -170,7 +191,12 @@ class Manifest:
             criu_stats=_numbers(data.get("criu_stats", {}), f"{where}.criu_stats", int),
             tags=_tags(data.get("tags", {}), f"{where}.tags"),
             new_bytes=_int(data.get("new_bytes", 0), f"{where}.new_bytes"),
+            signature=signature, parsed_body=_canonical(data),
         )
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True).encode()
 
 
 def _expect(ok: bool, where: str, problem: str) -> None:

@@ -41,7 +41,7 @@ def test_sizes_are_json_numbers():
 
 
 def test_unreachable_controller_is_one_line_and_exit_1(capsys):
-    assert main(["--controller", f"127.0.0.1:{free_port()}", "hosts"]) == 1
+    assert main(["--controller", f"127.0.0.1:{free_port()}", "--insecure", "hosts"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "controller at 127.0.0.1:" in err[0] and "is unreachable" in err[0]
 
@@ -71,7 +71,7 @@ def test_port_in_use_is_one_line(tmp_path):
         port = s.getsockname()[1]
         result = subprocess.run([*stasis_argv(), "controller", "serve", "--listen", f"127.0.0.1:{port}",
                                  "--state", str(tmp_path / "c.db"), "--repo", f"file://{tmp_path}/repo",
-                                 "--no-encryption"],
+                                 "--no-encryption", "--insecure"],
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -131,6 +131,18 @@ class CheckpointSummary(_message.Message):
     new_bytes: int
     def __init__(self, id: _Optional[str] = ..., created: _Optional[str] = ..., host: _Optional[str] = ..., container_name: _Optional[str] = ..., container_id: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., runtime: _Optional[str] = ..., criu_version: _Optional[str] = ..., size_bytes: _Optional[int] = ..., image_bytes: _Optional[int] = ..., leave_running: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[PhaseTiming, _Mapping]]] = ..., tags: _Optional[_Mapping[str, str]] = ..., new_bytes: _Optional[int] = ...) -> None: ...
 
+class Revocation(_message.Message):
+    __slots__ = ("principal", "serial", "before", "reason")
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    serial: str
+    before: str
+    reason: str
+    def __init__(self, principal: _Optional[str] = ..., serial: _Optional[str] = ..., before: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ExecRequest(_message.Message):
     __slots__ = ("container", "argv", "timeout_seconds")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +253,87 @@ class RemoveContainerRequest(_message.Message):
 class RemoveContainerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WhoAmIRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WhoAmIResponse(_message.Message):
+    __slots__ = ("principal", "role", "serial", "not_after", "tls")
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    role: str
+    serial: str
+    not_after: str
+    tls: bool
+    def __init__(self, principal: _Optional[str] = ..., role: _Optional[str] = ..., serial: _Optional[str] = ..., not_after: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("target", "reason")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    reason: str
+    def __init__(self, target: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListRevocationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRevocationsResponse(_message.Message):
+    __slots__ = ("revocations",)
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
+    def __init__(self, revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("since", "principal", "limit")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    since: str
+    principal: str
+    limit: int
+    def __init__(self, since: _Optional[str] = ..., principal: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("time", "principal", "role", "method", "target", "code", "message", "seconds", "job_id")
+    class TargetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    time: str
+    principal: str
+    role: str
+    method: str
+    target: _containers.ScalarMap[str, str]
+    code: str
+    message: str
+    seconds: float
+    job_id: str
+    def __init__(self, time: _Optional[str] = ..., principal: _Optional[str] = ..., role: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[_Mapping[str, str]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., seconds: _Optional[float] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
 
 class RetentionPolicy(_message.Message):
     __slots__ = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_within_seconds")
@@ -375,12 +468,14 @@ class RegisterAgentRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., info: _Optional[_Union[HostInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
-    __slots__ = ("repository", "heartbeat_seconds")
+    __slots__ = ("repository", "heartbeat_seconds", "revocations")
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
     repository: str
     heartbeat_seconds: float
-    def __init__(self, repository: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+    revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
+    def __init__(self, repository: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ..., revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("name",)
@@ -389,10 +484,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "revocations")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
+    def __init__(self, known: _Optional[bool] = ..., revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
 
 class Host(_message.Message):
     __slots__ = ("name", "address", "state", "last_seen", "info")

@@ -514,6 +514,26 @@ class ControllerStub:
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/stasis.v1.Controller/WhoAmI',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/stasis.v1.Controller/Revoke',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Revocation.FromString,
+                _registered_method=True)
+        self.ListRevocations = channel.unary_unary(
+                '/stasis.v1.Controller/ListRevocations',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListRevocationsRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListRevocationsResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/stasis.v1.Controller/ListAudit',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -637,6 +657,33 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Who the controller takes the caller for (from its certificate), and with which role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Deny a principal's certificates (or one certificate) on the controller and every agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevocations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The audit log: who did what to which container and checkpoint, when, with what result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -734,6 +781,26 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Forget,
                     request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetRequest.FromString,
                     response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.WhoAmIRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.RevokeRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.Revocation.SerializeToString,
+            ),
+            'ListRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevocations,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListRevocationsRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListRevocationsResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListAuditRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1251,6 +1318,114 @@ class Controller:
             '/stasis.v1.Controller/Forget',
             stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetRequest.SerializeToString,
             stasis_dot_proto_dot_v1_dot_stasis__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/WhoAmI',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.WhoAmIRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/Revoke',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.RevokeRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.Revocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/ListRevocations',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ListRevocationsRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ListRevocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Controller/ListAudit',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ListAuditRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

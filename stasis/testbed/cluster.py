@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from stasis.security.pki import Authority
 from stasis.testbed.images import rootfs_tar
 from stasis.testbed.ports import free_port, wait_port
 
@@ -171,16 +172,24 @@ class DockerHost(Host):
 
 
 class Cluster:
+    """Mutual TLS everywhere, as in production: a CA of its own in BASE/pki issues the controller's,
+    each agent's and three users' bundles (admin, operator, viewer); `cli` acts as the admin."""
+
     def __init__(self, base: str, repo_url: str, env: dict[str, str] | None = None, heartbeat: float = 1.0):
         self.base = base
         self.repo_url = repo_url
+        os.makedirs(base, exist_ok=True)
+        self.ca = Authority.init(os.path.join(base, "pki"), force=True)
+        self.ca.issue("controller", "controller")
+        for role in ("admin", "operator", "viewer"):
+            self.ca.issue("user", role, role=role)
         # Every cluster's repository is encrypted, with a password of its own.
-        self.env = {**os.environ, "STASIS_PASSWORD": f"testbed-{os.urandom(8).hex()}", **(env or {})}
+        self.env = {**os.environ, "STASIS_PASSWORD": f"testbed-{os.urandom(8).hex()}", **(env or {}),
+                    "STASIS_TLS": self.bundle("user", "admin")}
         self.heartbeat = heartbeat
         self.controller: subprocess.Popen | None = None
         self.controller_port = 0
         self.hosts: dict[str, Host] = {}
-        os.makedirs(base, exist_ok=True)
 
     @property
     def controller_address(self) -> str:
@@ -195,7 +204,7 @@ class Cluster:
         self.controller_port = self.controller_port or free_port()
         argv = [*stasis_argv(), "controller", "serve", "--listen", self.controller_address,
                 "--state", os.path.join(self.base, "controller.db"), "--repo", self.repo_url,
-                "--heartbeat", str(self.heartbeat)]
+                "--heartbeat", str(self.heartbeat), "--tls", self.bundle("controller", "controller")]
         self.controller = self._spawn(argv, "controller", self.env)
         if not wait_port(self.controller_port, 30, self.controller):
             raise RuntimeError(f"controller did not start; see {self.base}/controller.log")
@@ -228,8 +237,11 @@ class Cluster:
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "stasis-host", *argv]
 
     def start_agent(self, host: Host, extra_env: dict[str, str] | None = None) -> None:
+        if not os.path.exists(os.path.join(self.bundle("agent", host.name), "tls.crt")):
+            self.ca.issue("agent", host.name)
         serve = [*stasis_argv(), "agent", "serve", "--listen", host.address, "--host-name", host.name,
-                 "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work")]
+                 "--controller", self.controller_address, "--work-dir", os.path.join(host.root, "work"),
+                 "--tls", self.bundle("agent", host.name)]
         if isinstance(host, DockerHost):   # its own dockerd already separates its state
             argv = [*serve, "--runtime", "docker", "--docker-host", host.socket]
         else:
@@ -252,9 +264,14 @@ class Cluster:
             time.sleep(0.2)
         raise TimeoutError(f"hosts {names} did not register with the controller")
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    def bundle(self, kind: str, name: str) -> str:
+        return self.ca.bundle_path(kind, name)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 600,
+            user: str = "admin") -> subprocess.CompletedProcess:
+        env = {**self.env, "STASIS_TLS": self.bundle("user", user)}
         result = subprocess.run([*stasis_argv(), "--controller", self.controller_address, *args],
-                                capture_output=True, text=True, env=self.env, timeout=timeout)
+                                capture_output=True, text=True, env=env, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"stasis {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
