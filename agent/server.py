@@ -143,12 +143,17 @@ async def _register_loop(service: AgentService, controller: str, advertise: str,
             await channel.close()
 
 
-async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None,
-                transport: Transport) -> None:
+def build_server(service: AgentService, listen: str, transport: Transport) -> grpc.aio.Server:
     server = grpc.aio.server(options=SERVER_OPTIONS,
                              interceptors=[AuthInterceptor(RULES, service.deny, transport.secure)])
     pb_grpc.add_AgentServicer_to_server(AgentServicer(service), server)
     transport.listen(server, listen)
+    return server
+
+
+async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None,
+                transport: Transport) -> None:
+    server = build_server(service, listen, transport)
     await server.start()
     address = advertise or listen
     log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid(), tls=transport.secure)

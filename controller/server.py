@@ -123,12 +123,17 @@ RULES = {f"/stasis.v1.Controller/{name}": rule for name, rule in {
 }.items()}
 
 
-async def serve(service: ControllerService, listen: str) -> None:
+def build_server(service: ControllerService, listen: str) -> grpc.aio.Server:
     servicer = ControllerServicer(service)
     guard = AuthInterceptor(RULES, service.deny, service.transport.secure, servicer.audit)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard])
     pb_grpc.add_ControllerServicer_to_server(servicer, server)
     service.transport.listen(server, listen)
+    return server
+
+
+async def serve(service: ControllerService, listen: str) -> None:
+    server = build_server(service, listen)
     await server.start()
     added = await service.sync_catalog()
     scheduler = asyncio.ensure_future(service.schedules.loop())

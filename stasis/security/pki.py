@@ -57,6 +57,12 @@ class Identity:
     fingerprint: str     # sha256 of the DER certificate, hex
 
     @property
+    def issued(self) -> dt.datetime:
+        # This CA backdates notBefore by CLOCK_SKEW for hosts whose clocks lag; undo that to compare
+        # with a revocation's time.
+        return self.not_before + CLOCK_SKEW
+
+    @property
     def principal(self) -> str:
         return f"{self.kind}:{self.name}"
 

@@ -31,7 +31,7 @@ class Revocation:
     def matches(self, ident: Identity) -> bool:
         if self.serial:
             return ident.serial == self.serial
-        return self.principal == ident.principal and ident.not_before < dt.datetime.fromisoformat(self.before)
+        return self.principal == ident.principal and ident.issued < dt.datetime.fromisoformat(self.before)
 
     def describe(self) -> str:
         what = (f"certificate serial {self.serial:x}" if self.serial
@@ -44,7 +44,10 @@ def parse_target(target: str, reason: str = "", now: dt.datetime | None = None) 
     m = PRINCIPAL.match(target)
     if m:
         check_name(m.group(1), m.group(2))
-        when = (now or dt.datetime.now(dt.timezone.utc)).isoformat()
+        # Certificates state times in whole seconds: round up, so every certificate issued until
+        # now is covered (one issued later in this same second is too: issue again a second later).
+        when = ((now or dt.datetime.now(dt.timezone.utc)) + dt.timedelta(seconds=1)).replace(microsecond=0)
+        when = when.isoformat()
         return Revocation(principal=target, before=when, reason=reason[:200])
     try:
         serial = int(target.removeprefix("0x"), 16)
