@@ -84,7 +84,7 @@ def test_dockerd_without_experimental_is_a_clear_error(docker_cluster):
     plain.start_dockerd()
     try:
         result = subprocess.run([*stasis_argv(), "agent", "serve", "--host-name", "plain", "--runtime", "docker",
-                                 "--docker-host", plain.socket, "--listen", "127.0.0.1:0"],
+                                 "--docker-host", plain.socket, "--listen", "127.0.0.1:0", "--insecure"],
                                 capture_output=True, text=True, timeout=60)
     finally:
         plain.stop_dockerd()
