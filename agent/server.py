@@ -8,7 +8,7 @@ import os
 import grpc
 import structlog
 
-from stasis.agent.service import AgentService
+from stasis.agent.service import DIRECT_TAG, AgentService, Peer
 from stasis.errors import SERVER_OPTIONS, from_rpc_error, rpc_errors
 from stasis.proto import convert
 from stasis.proto.v1 import stasis_pb2 as pb
@@ -70,15 +70,21 @@ class AgentServicer(pb_grpc.AgentServicer):
         queue: asyncio.Queue = asyncio.Queue()
         work = self.service.checkpoint(request.operation_id, request.container, request.leave_running,
                                        request.repository, request.checkpoint_id, _emitter(queue),
-                                       dict(request.tags))
+                                       dict(request.tags), request.direct)
         async for item in _stream(work, queue):
-            yield item if isinstance(item, pb.AgentEvent) else pb.AgentEvent(
-                checkpoint=convert.checkpoint_pb(item))
+            if isinstance(item, pb.AgentEvent):
+                yield item
+                continue
+            summary = convert.checkpoint_pb(item)
+            if request.direct:
+                summary.size_bytes = int(item.tags.get(DIRECT_TAG, 0))
+            yield pb.AgentEvent(checkpoint=summary)
 
     async def Restore(self, request, context):
         queue: asyncio.Queue = asyncio.Queue()
+        peer = Peer(request.peer_host, request.peer_address, request.ticket) if request.peer_host else None
         work = self.service.restore(request.operation_id, request.checkpoint_id, request.repository,
-                                    request.name, _emitter(queue))
+                                    request.name, _emitter(queue), peer)
         async for item in _stream(work, queue):
             yield item if isinstance(item, pb.AgentEvent) else pb.AgentEvent(restored=pb.RestoreResult(
                 container=convert.container_pb(item.container, self.service.host_name),
@@ -95,10 +101,15 @@ class AgentServicer(pb_grpc.AgentServicer):
         await self.service.remove(request.name, request.force)
         return pb.RemoveContainerResponse()
 
+    async def FetchCheckpoint(self, request, context):
+        async for chunk in self.service.fetch(request.checkpoint_id, request.ticket):
+            yield chunk
 
-# Agents serve the controller only. (Agent-to-agent transfer, when it comes, admits a peer agent
-# for one job with a ticket the controller signed.)
+
+# Agents serve the controller only; a peer agent may fetch a checkpoint held for a direct migration,
+# and AgentService.fetch lets it only with the controller's ticket for exactly that transfer.
 RULES = {method: daemon("controller") for method in service_methods(pb.DESCRIPTOR.services_by_name["Agent"])}
+RULES["/stasis.v1.Agent/FetchCheckpoint"] = daemon("agent")
 
 
 async def _register_loop(service: AgentService, controller: str, advertise: str, transport: Transport) -> None:

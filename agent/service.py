@@ -21,10 +21,15 @@ from stasis.agent import failpoints
 from stasis.agent.podman import check_name
 from stasis.agent.probe import criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
-from stasis.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
-                           RuntimeFailure, StasisError)
+from stasis.errors import (AlreadyExists, FailedPrecondition, IntegrityError, InvalidArgument, NotFound,
+                           PermissionDenied, RuntimeFailure, StasisError)
+from stasis.agent import transfer
+from stasis.agent.transfer import Spool
+from stasis.security.authz import CALLER
 from stasis.security.provenance import Signer, Verifier
 from stasis.security.revocation import DenyList
+from stasis.security.tickets import TicketChecker
+from stasis.security.tls import Transport
 from stasis.storage.manifest import Artifact, ContainerRef, Manifest
 from stasis.storage.repository import Repository, new_checkpoint_id, now_rfc3339
 
@@ -32,6 +37,24 @@ log = structlog.get_logger("stasis.agent")
 
 #: emit(phase, message, bytes_done, bytes_total)
 Emit = Callable[[str, str, int, int], None]
+
+
+DIRECT_TAG = "direct_archive_bytes"   # the tag a direct checkpoint's offer carries its archive size in
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a direct migration's checkpoint is held: the source agent, and the controller's ticket."""
+    host: str
+    address: str
+    ticket: bytes
+
+
+def _direct_size(manifest: Manifest) -> int:
+    try:
+        return int(manifest.tags[DIRECT_TAG])
+    except (KeyError, ValueError):
+        raise IntegrityError(f"offer of checkpoint {manifest.id} does not state its size") from None
 
 
 @dataclass
@@ -43,13 +66,15 @@ class RestoreOutcome:
 class AgentService:
     def __init__(self, host_name: str, runtime: Runtime, work_dir: str, repository: str = "",
                  password: str | None = None, signer: Signer | None = None, verifier: Verifier | None = None,
-                 deny: DenyList | None = None):
+                 deny: DenyList | None = None, transport: Transport | None = None):
         self.host_name = host_name
+        self.transport = transport or Transport.insecure()   # for fetching from peer agents
         # Provenance: checkpoints leave signed, and nothing unsigned or forged is restored. Without
         # TLS (--insecure) there is no CA to check against and both are None.
         self.signer = signer
         self.verifier = verifier
         self.deny = deny or DenyList()
+        self.tickets = TicketChecker(self.transport.ca_certs, self.deny, host_name) if self.transport.secure else None
         self._password = password            # unlocks an encrypted repository; never logged
         self._repos: dict[str, Repository] = {}
         # The one repository this agent reads and writes: from --repo, else from the controller at
@@ -60,6 +85,7 @@ class AgentService:
         self.runtime = runtime
         self.work_dir = work_dir
         os.makedirs(os.path.join(work_dir, "stage"), mode=0o700, exist_ok=True)
+        self.spool = Spool(os.path.join(work_dir, "spool"))
         self._ops: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
         self._criu_version = ""
         self._runtime_version = ""
@@ -91,6 +117,7 @@ class AgentService:
 
     async def remove(self, name: str, force: bool) -> None:
         await self.runtime.remove(name, force)
+        self.spool.drop_container(name)
 
     async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
         if not argv or len(argv) > 256:
@@ -99,6 +126,7 @@ class AgentService:
         return await self.runtime.exec(name, argv, min(max(timeout, 1.0), 3600.0))
 
     async def resume(self, name: str) -> ContainerInfo:
+        self.spool.drop_container(name)   # a rolled-back migration: nobody will fetch it now
         info = await self.runtime.inspect(name)
         if info.state != "running":
             await self.runtime.resume(name)
@@ -156,12 +184,14 @@ class AgentService:
     # ------------------------------------------------------------------ checkpoint
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
-                         checkpoint_id: str, emit: Emit, tags: dict[str, str] | None = None) -> Manifest:
+                         checkpoint_id: str, emit: Emit, tags: dict[str, str] | None = None,
+                         direct: bool = False) -> Manifest:
         return await self._once(op_id, lambda: self._checkpoint(
-            op_id, container, leave_running, repo_url, checkpoint_id or new_checkpoint_id(), emit, tags or {}))
+            op_id, container, leave_running, repo_url, checkpoint_id or new_checkpoint_id(), emit, tags or {},
+            direct))
 
     async def _checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
-                          ckpt_id: str, emit: Emit, tags: dict[str, str]) -> Manifest:
+                          ckpt_id: str, emit: Emit, tags: dict[str, str], direct: bool = False) -> Manifest:
         info = await self.inspect(container)
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
@@ -199,11 +229,17 @@ class AgentService:
             failpoints.hit("checkpoint.after_dump")
 
             size = os.path.getsize(archive)
-            emit("upload", f"uploading {size} bytes to {repo.url}", 0, size)
-            started = time.monotonic()
-            artifact = await asyncio.to_thread(
-                repo.store_file, archive, lambda d, t: emit("upload", "", d, t), "application/x-tar", lock, stored)
-            timings["upload"] = time.monotonic() - started
+            if direct:
+                # Held here for the destination agent to fetch; its size travels in the signed offer.
+                artifact = Artifact.build([])
+                tags = {**tags, DIRECT_TAG: str(size)}
+            else:
+                emit("upload", f"uploading {size} bytes to {repo.url}", 0, size)
+                started = time.monotonic()
+                artifact = await asyncio.to_thread(
+                    repo.store_file, archive, lambda d, t: emit("upload", "", d, t), "application/x-tar", lock,
+                    stored)
+                timings["upload"] = time.monotonic() - started
             image = await image_task if image_task is not None else None
             manifest = Manifest(
                 id=ckpt_id, created=now_rfc3339(), host=self.host_name, runtime=self.runtime.name,
@@ -213,7 +249,10 @@ class AgentService:
                 criu_stats=stats.criu, tags=tags, new_bytes=stored.get("new_bytes", 0))
             if self.signer is not None:
                 manifest = self.signer.sign(manifest)
-            await asyncio.to_thread(repo.write_manifest, manifest, lock)
+            if direct:
+                self.spool.put(ckpt_id, archive, manifest.to_bytes(), info.name)
+            else:
+                await asyncio.to_thread(repo.write_manifest, manifest, lock)
             log.info("checkpoint stored", checkpoint=ckpt_id, container=info.name, bytes=size,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return manifest
@@ -254,16 +293,44 @@ class AgentService:
     # ------------------------------------------------------------------ restore
 
     async def restore(self, op_id: str, checkpoint_id: str, repo_url: str, name: str,
-                      emit: Emit) -> RestoreOutcome:
-        return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit))
+                      emit: Emit, peer: Peer | None = None) -> RestoreOutcome:
+        return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit, peer))
 
-    async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit) -> RestoreOutcome:
+    async def fetch(self, checkpoint_id: str, ticket: bytes):
+        """Serve a held checkpoint to the peer agent the controller's ticket names."""
+        caller = CALLER.get()
+        if self.tickets is not None:
+            if caller is None or caller.kind != "agent":
+                raise PermissionDenied("only a peer agent with a migration ticket may fetch checkpoints")
+            self.tickets.check(ticket, checkpoint_id, caller.name)
+        async for chunk in transfer.send(self.spool, self.signer, checkpoint_id):
+            yield chunk
+
+    async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit,
+                       peer: Peer | None = None) -> RestoreOutcome:
         repo = await self._open(repo_url)
-        manifest = await asyncio.to_thread(repo.read_manifest, checkpoint_id)
-        if self.verifier is not None:   # before a single chunk is fetched
-            signer = self.verifier.verify(manifest)
-            log.info("checkpoint provenance verified", checkpoint=manifest.id,
-                     signer=signer.principal if signer else "unsigned (allowed)")
+        receiver = None
+        try:
+            if peer is not None:
+                if not peer.address or peer.host == self.host_name:
+                    raise InvalidArgument("a direct restore needs the source agent's host name and address "
+                                          "(another host than this one)")
+                receiver = transfer.Receiver(self.transport, self.verifier, peer.host, peer.address, checkpoint_id,
+                                             peer.ticket)
+                manifest = await receiver.offer()   # verified before anything acts on it
+            else:
+                manifest = await asyncio.to_thread(repo.read_manifest, checkpoint_id)
+                if self.verifier is not None:   # before a single chunk is fetched
+                    signer = self.verifier.verify(manifest)
+                    log.info("checkpoint provenance verified", checkpoint=manifest.id,
+                             signer=signer.principal if signer else "unsigned (allowed)")
+            return await self._restore_manifest(repo, manifest, name, emit, receiver)
+        finally:
+            if receiver is not None:
+                await receiver.channel.close()
+
+    async def _restore_manifest(self, repo: Repository, manifest: Manifest, name: str, emit: Emit,
+                                receiver: "transfer.Receiver | None") -> RestoreOutcome:
         if manifest.runtime != self.runtime.name:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
                                      f"this host runs {self.runtime.name}")
@@ -276,7 +343,8 @@ class AgentService:
         if need_image and manifest.image is None:
             raise FailedPrecondition(f"image {manifest.container.image} is not on {self.host_name} "
                                      f"and checkpoint {manifest.id} does not ship it")
-        needed = manifest.checkpoint.size + (manifest.image.size if need_image and manifest.image else 0)
+        size = _direct_size(manifest) if receiver is not None else manifest.checkpoint.size
+        needed = size + (manifest.image.size if need_image and manifest.image else 0)
         free = shutil.disk_usage(self.work_dir).free
         if free < needed * 1.1:
             raise FailedPrecondition(f"not enough space in {self.work_dir} on {self.host_name}: "
@@ -291,12 +359,18 @@ class AgentService:
             if need_image:
                 image_task = asyncio.ensure_future(self._load_image(repo, manifest, stage, timings))
             archive = os.path.join(stage, "checkpoint.tar")
-            emit("download", f"downloading {manifest.checkpoint.size} bytes", 0, manifest.checkpoint.size)
             started = time.monotonic()
-            # Every chunk is hashed before it is written: nothing unverified reaches CRIU or tar.
-            await asyncio.to_thread(repo.fetch_file, manifest.checkpoint, archive,
-                                    lambda d, t: emit("download", "", d, t), f"checkpoint {manifest.id}")
-            timings["download"] = time.monotonic() - started
+            if receiver is not None:
+                emit("transfer", f"receiving {size} bytes from {receiver.peer}", 0, size)
+                # Hashed as it arrives; the source's signed seal is checked before the runtime runs.
+                await receiver.archive(archive, lambda d: emit("transfer", "", d, size))
+                timings["transfer"] = time.monotonic() - started
+            else:
+                emit("download", f"downloading {size} bytes", 0, size)
+                # Every chunk is hashed before it is written: nothing unverified reaches CRIU or tar.
+                await asyncio.to_thread(repo.fetch_file, manifest.checkpoint, archive,
+                                        lambda d, t: emit("download", "", d, t), f"checkpoint {manifest.id}")
+                timings["download"] = time.monotonic() - started
             if image_task is not None:
                 await image_task
             failpoints.hit("restore.before_runtime")

@@ -90,15 +90,17 @@ class AgentClient:
         return await self._call(self.stub.InspectContainer, pb.InspectContainerRequest(name=name))
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repository: str,
-                         on_progress, tags: dict[str, str] | None = None) -> pb.CheckpointSummary:
-        req = pb.AgentCheckpointRequest(operation_id=op_id, container=container,
-                                        leave_running=leave_running, repository=repository, tags=tags or {})
+                         on_progress, tags: dict[str, str] | None = None, direct: bool = False) -> pb.CheckpointSummary:
+        req = pb.AgentCheckpointRequest(operation_id=op_id, container=container, leave_running=leave_running,
+                                        repository=repository, tags=tags or {}, direct=direct)
         return (await self._stream(self.stub.Checkpoint, req, on_progress)).checkpoint
 
     async def restore(self, op_id: str, checkpoint_id: str, repository: str, name: str,
-                      on_progress) -> pb.RestoreResult:
-        req = pb.AgentRestoreRequest(operation_id=op_id, checkpoint_id=checkpoint_id,
-                                     repository=repository, name=name)
+                      on_progress, peer: "AgentClient | None" = None, ticket: bytes = b"") -> pb.RestoreResult:
+        """From the repository, or (direct migration) from `peer`, which holds it, with a ticket."""
+        req = pb.AgentRestoreRequest(operation_id=op_id, checkpoint_id=checkpoint_id, repository=repository,
+                                     name=name, peer_host=peer.name if peer else "",
+                                     peer_address=peer.address if peer else "", ticket=ticket)
         return (await self._stream(self.stub.Restore, req, on_progress)).restored
 
     async def resume(self, name: str) -> pb.Container:

@@ -210,11 +210,15 @@ def cmd_restore(args, client: Client) -> int:
 
 def cmd_migrate(args, client: Client) -> int:
     host, name = split_target(args.target)
+    transfer = "repository" if args.via_repository else "direct"
     job = client.stream("Migrate", pb.MigrateRequest(
-        request_id=args.request_id or "", host=host, container=name, to=args.to), Progress(args.json))
+        request_id=args.request_id or "", host=host, container=name, to=args.to, transfer=transfer),
+        Progress(args.json))
 
     def ok(j: pb.Job) -> None:
-        print(f"migrated {name} from {host} to {args.to} (job {j.id}, checkpoint {j.result['checkpoint_id']})")
+        kept = (f", checkpoint {j.result['checkpoint_id']} kept in the repository" if transfer == "repository"
+                else ", agent to agent")
+        print(f"migrated {name} from {host} to {args.to} (job {j.id}{kept})")
         print(f"downtime {j.downtime_seconds:.2f} s; {phases_line(j)}")
         if not j.result.get("cleanup", "done").startswith("done"):
             print(f"warning: source clean-up {j.result['cleanup']}", file=sys.stderr)
@@ -600,7 +604,7 @@ def cmd_agent_serve(args) -> int:
     signer = Signer(args.tls) if transport.secure else None
     verifier = Verifier(transport.ca_certs, deny, args.allow_unsigned) if transport.secure else None
     service = AgentService(args.host_name, runtime, work_dir, args.repo or "", _password(args),
-                           signer=signer, verifier=verifier, deny=deny)
+                           signer=signer, verifier=verifier, deny=deny, transport=transport)
     return _run_daemon(serve(service, args.listen, args.controller, args.advertise, transport))
 
 
@@ -736,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("migrate", "move a running container to another host, keeping its memory and files", cmd_migrate)
     p.add_argument("target", metavar="HOST/CONTAINER")
     p.add_argument("--to", required=True, metavar="HOST", help="destination host")
+    p.add_argument("--via-repository", action="store_true",
+                   help="move the checkpoint through the repository, which keeps it as a backup (slower); "
+                        "default: straight from agent to agent over mutual TLS")
     p.add_argument("--request-id", help="idempotency key")
 
     p = add("job", "show a job (checkpoint, restore, migrate) with its phases and timings", cmd_job)

@@ -17,6 +17,7 @@ import structlog
 
 from stasis.controller.agents import AgentClient
 from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, StasisError
+from stasis.security import tickets
 
 if TYPE_CHECKING:
     from stasis.controller.jobs import Job
@@ -35,12 +36,15 @@ def _version(text: str) -> tuple[int, ...]:
 
 class Migration:
     def __init__(self, service: "ControllerService", source: AgentClient, destination: AgentClient,
-                 container: str):
+                 container: str, transfer: str = "direct"):
         self.service = service
         self.jobs = service.jobs
         self.source = source
         self.destination = destination
         self.container = container
+        # direct: the destination fetches the archive from the source (one hop, no backup left);
+        # repository: through the repository, which keeps the checkpoint as a backup.
+        self.transfer = transfer
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
@@ -48,18 +52,26 @@ class Migration:
         frozen_at = time.monotonic()
         self.restore_started = False
         try:
+            direct = self.transfer == "direct"
+            job.result["transfer"] = self.transfer
             async with self.jobs.phase(job, "checkpoint"):
                 summary = await self.source.checkpoint(job.id, self.container, False,
                                                        self.service.repository.url,
-                                                       lambda p: job.publish(p))
-            self.service.record(summary)
+                                                       lambda p: job.publish(p), direct=direct)
+            if not direct:
+                self.service.record(summary)
             job.result["checkpoint_id"] = summary.id
             for t in summary.timings:
                 job.timings[f"source.{t.name}"] = round(t.seconds, 4)
             async with self.jobs.phase(job, "restore"):
                 self.restore_started = True
+                peer, ticket = None, b""
+                if direct:
+                    peer = self.source
+                    ticket = tickets.mint(self.service.transport, job.id, summary.id, self.source.name,
+                                          self.destination.name)
                 restored = await self.destination.restore(job.id, summary.id, self.service.repository.url,
-                                                          self.container, lambda p: job.publish(p))
+                                                          self.container, lambda p: job.publish(p), peer, ticket)
             job.row.downtime = round(time.monotonic() - frozen_at, 4)
             for t in restored.timings:
                 job.timings[f"destination.{t.name}"] = round(t.seconds, 4)

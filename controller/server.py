@@ -52,7 +52,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             yield event
 
     async def Migrate(self, request, context):
-        job = self.service.start_migrate(request.request_id, request.host, request.container, request.to)
+        job = self.service.start_migrate(request.request_id, request.host, request.container, request.to,
+                                         request.transfer)
         async for event in self.service.jobs.watch(job):
             yield event
 

@@ -207,17 +207,18 @@ class ControllerService:
 
         return self.jobs.start("restore", params, request_id, work)
 
-    def start_migrate(self, request_id: str, host: str, container: str, to: str) -> Job:
+    def start_migrate(self, request_id: str, host: str, container: str, to: str, transfer: str = "") -> Job:
         from stasis.controller.migrate import Migration
 
-        params = {"host": host, "container": container, "to": to}
+        transfer = transfer or "direct"
+        params = {"host": host, "container": container, "to": to, "transfer": transfer}
         found = self.jobs.existing(request_id, "migrate", params)
         if found is not None:
             return found
         if host == to:
             raise InvalidArgument(f"{container} is already on {host}: pick another destination")
         source, destination = self.agent(host), self.agent(to)
-        migration = Migration(self, source, destination, container)
+        migration = Migration(self, source, destination, container, transfer)
         return self.jobs.start("migrate", params, request_id, migration.run)
 
     async def close(self) -> None:

@@ -41,14 +41,16 @@ class FakeAgent:
             raise NotFound(f"no container {name!r} on {self.name}")
         return pb.Container(id="id-" + name, name=name, state=self.containers[name])
 
-    async def checkpoint(self, op_id, container, leave_running, repository, on_progress):
+    async def checkpoint(self, op_id, container, leave_running, repository, on_progress, direct=False):
+        self.direct = direct
         self._maybe_fail("checkpoint")
         on_progress(pb.Progress(phase="dump"))
         self.containers[container] = "exited"
         return pb.CheckpointSummary(id="0123456789abcdef", host=self.name, container_name=container,
                                     timings=[pb.PhaseTiming(name="frozen", seconds=0.5)])
 
-    async def restore(self, op_id, checkpoint_id, repository, name, on_progress):
+    async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b""):
+        self.peer = peer
         self._maybe_fail("restore")
         self.containers[name] = "running"
         return pb.RestoreResult(container=pb.Container(name=name, state="running"))
@@ -195,7 +197,7 @@ async def test_name_taken_at_restore_time_is_not_removed(service):
     from stasis.errors import AlreadyExists
 
     class Racing(FakeAgent):
-        async def restore(self, op_id, checkpoint_id, repository, name, on_progress):
+        async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b""):
             self.containers[name] = "running"   # someone else's container appeared after preflight
             raise AlreadyExists(f"a container named {name!r} already exists")
 

@@ -238,7 +238,9 @@ def test_every_method_has_a_rule():
     for service, rules in (("Agent", AGENT), ("Controller", CONTROLLER)):
         methods = service_methods(pb.DESCRIPTOR.services_by_name[service])
         assert sorted(rules) == sorted(methods)
-    assert all(r.kinds == {"controller"} and not r.role for r in AGENT.values())
+    # Agents serve the controller; peer agents may only fetch (with a ticket, checked by the service).
+    assert {m for m, r in AGENT.items() if r.kinds != {"controller"} or r.role} == {"/stasis.v1.Agent/FetchCheckpoint"}
+    assert AGENT["/stasis.v1.Agent/FetchCheckpoint"].kinds == {"agent"}
 
 
 def test_roles_are_ordered_and_forget_with_prune_needs_admin(ca):
@@ -255,3 +257,47 @@ def test_roles_are_ordered_and_forget_with_prune_needs_admin(ca):
     assert "lacks role admin" in forget.admits(users["operator"], pb.ForgetRequest(prune=True))
     assert forget.admits(users["admin"], pb.ForgetRequest(prune=True)) is None
     assert Rule(kinds=frozenset({"agent"})).admits(users["admin"], None)
+
+
+# ------------------------------------------------------------------ migration tickets
+
+def test_tickets_admit_exactly_one_fetch_of_one_checkpoint_by_one_agent(ca):
+    from stasis.errors import PermissionDenied
+    from stasis.security.tickets import TicketChecker, mint
+
+    controller = Transport(ca.issue("controller", "controller")[0])
+    deny = DenyList()
+    source = TicketChecker(lambda: [ca.cert], deny, "host-a")
+    ticket = mint(controller, "job1", "0123456789abcdef", "host-a", "host-b")
+    claims = source.check(ticket, "0123456789abcdef", "host-b")
+    assert claims["job"] == "job1"
+    with pytest.raises(PermissionDenied, match="used before"):
+        source.check(ticket, "0123456789abcdef", "host-b")
+    fresh = mint(controller, "job1", "0123456789abcdef", "host-a", "host-b")
+    with pytest.raises(PermissionDenied, match="destination 'host-b', not 'host-c'"):
+        source.check(fresh, "0123456789abcdef", "host-c")
+    with pytest.raises(PermissionDenied, match="checkpoint"):
+        source.check(mint(controller, "j", "0123456789abcdef", "host-a", "host-b"), "fedcba9876543210", "host-b")
+    with pytest.raises(PermissionDenied, match="source 'host-z'"):
+        source.check(mint(controller, "j", "0123456789abcdef", "host-z", "host-b"), "0123456789abcdef", "host-b")
+    with pytest.raises(PermissionDenied, match="expired"):
+        source.check(mint(controller, "j", "0123456789abcdef", "host-a", "host-b", ttl=-1), "0123456789abcdef",
+                     "host-b")
+    # An agent cannot mint tickets for itself, nor can a revoked controller.
+    agent = Transport(ca.issue("agent", "host-b")[0])
+    with pytest.raises(PermissionDenied, match="not by a valid controller"):
+        source.check(mint(agent, "j", "0123456789abcdef", "host-a", "host-b"), "0123456789abcdef", "host-b")
+    deny.add(parse_target("controller:controller"))
+    with pytest.raises(PermissionDenied, match="not by a valid controller"):
+        source.check(mint(controller, "j", "0123456789abcdef", "host-a", "host-b"), "0123456789abcdef", "host-b")
+    deny.replace([])
+    tampered = json.loads(mint(controller, "j", "0123456789abcdef", "host-a", "host-b"))
+    import base64
+    body = json.loads(base64.b64decode(tampered["body"]))
+    body["destination"] = "host-c"
+    tampered["body"] = base64.b64encode(json.dumps(body, sort_keys=True).encode()).decode()
+    with pytest.raises(PermissionDenied, match="signature does not verify"):
+        source.check(json.dumps(tampered).encode(), "0123456789abcdef", "host-c")
+    for garbage in (b"", b"{}", b"[1]", b'{"body": "!", "sig": "", "cert": ""}'):
+        with pytest.raises(PermissionDenied):
+            source.check(garbage, "0123456789abcdef", "host-b")

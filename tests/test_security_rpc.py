@@ -57,7 +57,8 @@ class Stack:
         self.agent_deny = DenyList()
         self.agent = AgentService("host-a", self.runtime, os.path.join(base, "work"), repo.url, PASSWORD,
                                   signer=Signer(agent_bundle), deny=self.agent_deny,
-                                  verifier=Verifier(agent_transport.ca_certs, self.agent_deny))
+                                  verifier=Verifier(agent_transport.ca_certs, self.agent_deny),
+                                  transport=agent_transport)
         self.service = ControllerService(Store(os.path.join(base, "c.db")), repo,
                                          transport=Transport(self.ca.bundle_path("controller", "controller")))
         self.loop = asyncio.new_event_loop()
@@ -214,6 +215,42 @@ def test_audit_records_who_did_what_and_never_hook_commands(stack):
     assert all("s3cr3t" not in str(e) for e in entries)
     mine = stack.controller("admin").ListAudit(pb.ListAuditRequest(principal="user:viewer"), timeout=5).entries
     assert mine and {e.principal for e in mine} == {"user:viewer"}
+
+
+def test_a_peer_agent_fetches_a_held_checkpoint_once_and_only_with_its_ticket(stack):
+    from stasis.security.tickets import mint
+
+    ctl = stack.agent_stub(stack.ca.bundle_path("controller", "controller"))
+    events = list(ctl.Checkpoint(pb.AgentCheckpointRequest(operation_id="direct-1", container="web",
+                                                           leave_running=True, direct=True), timeout=60))
+    summary = events[-1].checkpoint
+    assert summary.size_bytes > 100_000
+    controller = Transport(stack.ca.bundle_path("controller", "controller"))
+    ticket = mint(controller, "job-1", summary.id, "host-a", "host-b")
+    peer = stack.agent_stub(stack.ca.bundle_path("agent", "host-b"))
+
+    def fetch(stub, t):
+        return list(stub.FetchCheckpoint(pb.FetchCheckpointRequest(checkpoint_id=summary.id, ticket=t), timeout=30))
+
+    def refused(stub, t) -> str:
+        with pytest.raises(grpc.RpcError) as err:
+            fetch(stub, t)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        return err.value.details()
+
+    assert "not 'host-c'" in refused(pb_grpc.AgentStub(stack.channel(
+        stack.ca.issue("agent", "host-c")[0], stack.agent_port, agent_server_name("host-a"))), ticket)
+    assert "migration ticket refused" in refused(peer, b"")
+    assert "users may not" in refused(stack.agent_stub(stack.ca.bundle_path("user", "admin")), ticket)
+    assert "may not call" in refused(ctl, ticket)       # not even the controller fetches
+    chunks = fetch(peer, ticket)
+    assert chunks[0].HasField("offer") and chunks[-1].HasField("seal")
+    assert sum(len(c.data) for c in chunks) == summary.size_bytes
+    assert "used before (a replay)" in refused(peer, ticket)
+    # A fresh ticket finds nothing: a fetched archive leaves the source's spool.
+    with pytest.raises(grpc.RpcError) as err:
+        fetch(peer, mint(controller, "job-1", summary.id, "host-a", "host-b"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 # ------------------------------------------------------------------ rotation

@@ -143,6 +143,24 @@ class Revocation(_message.Message):
     reason: str
     def __init__(self, principal: _Optional[str] = ..., serial: _Optional[str] = ..., before: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class FetchCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint_id", "ticket")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    ticket: bytes
+    def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ...) -> None: ...
+
+class TransferChunk(_message.Message):
+    __slots__ = ("offer", "data", "seal")
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SEAL_FIELD_NUMBER: _ClassVar[int]
+    offer: bytes
+    data: bytes
+    seal: bytes
+    def __init__(self, offer: _Optional[bytes] = ..., data: _Optional[bytes] = ..., seal: _Optional[bytes] = ...) -> None: ...
+
 class ExecRequest(_message.Message):
     __slots__ = ("container", "argv", "timeout_seconds")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
@@ -184,7 +202,7 @@ class InspectContainerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AgentCheckpointRequest(_message.Message):
-    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id", "tags")
+    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id", "tags", "direct")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,25 +216,33 @@ class AgentCheckpointRequest(_message.Message):
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     container: str
     leave_running: bool
     repository: str
     checkpoint_id: str
     tags: _containers.ScalarMap[str, str]
-    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    direct: bool
+    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., direct: _Optional[bool] = ...) -> None: ...
 
 class AgentRestoreRequest(_message.Message):
-    __slots__ = ("operation_id", "checkpoint_id", "repository", "name")
+    __slots__ = ("operation_id", "checkpoint_id", "repository", "name", "peer_host", "peer_address", "ticket")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_HOST_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     checkpoint_id: str
     repository: str
     name: str
-    def __init__(self, operation_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., repository: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    peer_host: str
+    peer_address: str
+    ticket: bytes
+    def __init__(self, operation_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., repository: _Optional[str] = ..., name: _Optional[str] = ..., peer_host: _Optional[str] = ..., peer_address: _Optional[str] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("progress", "checkpoint", "restored")
@@ -548,16 +574,18 @@ class RestoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., host: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("request_id", "host", "container", "to")
+    __slots__ = ("request_id", "host", "container", "to", "transfer")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     host: str
     container: str
     to: str
-    def __init__(self, request_id: _Optional[str] = ..., host: _Optional[str] = ..., container: _Optional[str] = ..., to: _Optional[str] = ...) -> None: ...
+    transfer: str
+    def __init__(self, request_id: _Optional[str] = ..., host: _Optional[str] = ..., container: _Optional[str] = ..., to: _Optional[str] = ..., transfer: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("container", "host", "schedule")

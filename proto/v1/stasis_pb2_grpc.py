@@ -76,6 +76,11 @@ class AgentStub:
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.SerializeToString,
                 response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.FetchCheckpoint = channel.unary_stream(
+                '/stasis.v1.Agent/FetchCheckpoint',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.FetchCheckpointRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.TransferChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -135,6 +140,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchCheckpoint(self, request, context):
+        """Direct migration: the destination agent fetches a checkpoint the source agent holds for it.
+        The only method open to another agent, and only with a ticket the controller signed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +190,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.FromString,
                     response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.SerializeToString,
+            ),
+            'FetchCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchCheckpoint,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.FetchCheckpointRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.TransferChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +415,33 @@ class Agent:
             '/stasis.v1.Agent/Exec',
             stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.SerializeToString,
             stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stasis.v1.Agent/FetchCheckpoint',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.FetchCheckpointRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.TransferChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,9 @@ SHAPES: dict[str, tuple[re.Pattern, str]] = {
     "operation_id": (TOKEN, "an id of letters, digits and '_.:@-'"),
     "request_id": (TOKEN, "an id of letters, digits and '_.:@-'"),
     "address": (ADDRESS, "HOST:PORT"),
+    "peer_address": (ADDRESS, "HOST:PORT"),
+    "peer_host": (HOST, "a host name (lowercase letters, digits, '-')"),
+    "transfer": (re.compile(r"^(direct|repository)$"), "direct or repository"),
     "selector": (SELECTOR, "[HOST/]CONTAINER"),
     "schedule": (SCHEDULE, "a schedule name"),
     "target": (TARGET, "KIND:NAME or a certificate serial"),
@@ -52,6 +55,7 @@ SHAPES: dict[str, tuple[re.Pattern, str]] = {
     "GetJobRequest.id": (TOKEN, "a job id"),
 }
 MAX_STRING = {"pre_hook": 4096, "post_hook": 4096, "repository": 1024, "argv": 4096}
+MAX_BYTES = {"ticket": 16384}
 DEFAULT_STRING = 1024
 MAX_REPEATED = {"argv": 256, "cpu_flags": 512}
 DEFAULT_REPEATED = 1024
@@ -87,8 +91,9 @@ def _scalar_or_message(owner: str, field: FieldDescriptor, value, where: str, de
     elif field.type == FieldDescriptor.TYPE_STRING:
         _string(owner, field.name, value, where)
     elif field.type == FieldDescriptor.TYPE_BYTES:
-        if len(value) > 1 << 20:
-            raise InvalidArgument(f"{where}: at most 1 MiB")
+        cap = MAX_BYTES.get(field.name, 1 << 20)
+        if len(value) > cap:
+            raise InvalidArgument(f"{where}: at most {cap} bytes")
     elif field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         if not math.isfinite(value) or value < 0 or value > MAX_SECONDS:
             raise InvalidArgument(f"{where}: must be a finite number between 0 and {MAX_SECONDS:.0f}")

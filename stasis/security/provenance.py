@@ -54,10 +54,11 @@ class Signer:
         return key, pem
 
     def sign(self, manifest: Manifest) -> Manifest:
+        return dataclasses.replace(manifest, signature=self.sign_bytes(manifest.signed_bytes()))
+
+    def sign_bytes(self, body: bytes) -> dict[str, str]:
         key, pem = self._load()
-        signature = key.sign(manifest.signed_bytes())
-        return dataclasses.replace(manifest, signature={"alg": ALG, "cert": pem.decode(),
-                                                        "sig": base64.b64encode(signature).decode()})
+        return {"alg": ALG, "cert": pem.decode(), "sig": base64.b64encode(key.sign(body)).decode()}
 
 
 class Verifier:
@@ -70,8 +71,12 @@ class Verifier:
 
     def verify(self, manifest: Manifest) -> Identity | None:
         """The signer's identity; IntegrityError when the manifest must not be trusted."""
-        where = f"checkpoint {manifest.id}"
-        sig = manifest.signature
+        return self.verify_document(manifest.signed_bytes(), manifest.signature, manifest.host, manifest.created,
+                                    f"checkpoint {manifest.id}")
+
+    def verify_document(self, body: bytes, sig: dict[str, str] | None, host: str, created: str,
+                        where: str) -> Identity | None:
+        """Check that agent `host` signed `body` (at `created`) with its certificate's key."""
         if sig is None:
             if self.allow_unsigned:
                 return None
@@ -81,23 +86,23 @@ class Verifier:
             if sig.get("alg") != ALG:
                 raise ValueError(f"unknown signature algorithm {sig.get('alg')!r}")
             cert = x509.load_pem_x509_certificate(sig.get("cert", "").encode())
-            signed_at = dt.datetime.fromisoformat(manifest.created)
+            signed_at = dt.datetime.fromisoformat(created)
             if signed_at.tzinfo is None:
                 raise ValueError("creation time has no time zone")
             verify_issued_by(cert, self.cas(), signed_at)
             signer = identity_of(cert)
-            if signer.kind != "agent" or signer.name != manifest.host:
-                raise ValueError(f"signed by {signer.principal}, but it claims to come from agent:{manifest.host}")
+            if signer.kind != "agent" or signer.name != host:
+                raise ValueError(f"signed by {signer.principal}, but it claims to come from agent:{host}")
             revoked = self.deny.denied(signer)
             if revoked is not None:
                 raise ValueError(f"signer {signer.principal} is revoked ({revoked.describe()})")
             public = signing_public_key(cert)
             if public is None:
                 raise ValueError("the signer's certificate carries no signing key")
-            public.verify(base64.b64decode(sig.get("sig", ""), validate=True), manifest.signed_bytes())
+            public.verify(base64.b64decode(sig.get("sig", ""), validate=True), body)
         except InvalidSignature:
             raise IntegrityError(f"{where}: the signature does not match its contents: it was modified after "
-                                 f"agent {manifest.host} wrote it; refusing to restore") from None
+                                 f"agent {host} wrote it; refusing to restore") from None
         except (ValueError, FailedPrecondition) as exc:
             raise IntegrityError(f"{where}: provenance check failed: {exc}; refusing to restore") from None
         return signer
