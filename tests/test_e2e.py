@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess as sp
 import time
 import uuid
 
 import pytest
 
 from e2e_helpers import log_lines, name, one_error_line
+from stasis.testbed.cluster import stasis_argv
 
 pytestmark = pytest.mark.e2e
 MIB = 32
@@ -66,9 +68,76 @@ def test_migrate_moves_memory_and_open_file_in_new_directory(cluster):
     time.sleep(0.5)
     assert log_lines(b, web) > lines_after
 
-    # The migration is a job with a durable record.
+    # The migration is a job with a durable record; it went agent to agent, leaving no backup.
     shown = cluster.cli_json("job", job["id"])
     assert shown["state"] == "succeeded" and shown["downtime_seconds"] == job["downtime_seconds"]
+    assert job["result"]["transfer"] == "direct" and "destination.transfer" in job["timings"]
+    assert job["result"]["checkpoint_id"] not in {c["id"] for c in cluster.cli_json("checkpoints")}
+
+
+def test_migrating_via_the_repository_keeps_a_backup(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name("via")
+    a.run_workload(web, MIB)
+    before = a.status(web)
+    job = cluster.cli_json("migrate", f"host-a/{web}", "--to", "host-b", "--via-repository")
+    assert job["state"] == "succeeded", job["error"]
+    assert job["result"]["transfer"] == "repository" and "destination.download" in job["timings"]
+    assert job["result"]["checkpoint_id"] in {c["id"] for c in cluster.cli_json("checkpoints")}
+    assert b.verify_memory(web)["nonce"] == before["nonce"]
+    # And straight back, agent to agent.
+    back = cluster.cli_json("migrate", f"host-b/{web}", "--to", "host-a")
+    assert back["state"] == "succeeded" and back["result"]["transfer"] == "direct", back["error"]
+    assert a.verify_memory(web)["verified"] == "ok"
+
+
+def test_a_byte_damaged_in_transit_is_refused_and_the_source_keeps_running(cluster):
+    b = cluster.hosts["host-b"]
+    src = cluster.add_host(f"host-dmg-{cluster.backend}", extra_env={"STASIS_FAILPOINTS": "transfer.corrupt_byte"})
+    cluster.wait_hosts_up([src.name])
+    src.import_image("localhost/stasis-memhold:1")
+    web = name("dmg")
+    src.run_workload(web, MIB)
+    before = src.status(web)
+    result = cluster.cli("migrate", f"{src.name}/{web}", "--to", "host-b", "--json", check=False)
+    job = json.loads(result.stdout)
+    assert result.returncode == 1 and job["state"] == "rolled_back", job
+    assert "blake3 differs from what the source sealed (damaged in transit)" in job["error"]
+    assert web not in [c["Names"][0] for c in b.containers()]
+    after = src.verify_memory(web)
+    assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
+
+
+def test_killing_the_destination_agent_during_the_transfer_leaves_the_source_running(cluster):
+    a = cluster.hosts["host-a"]
+    dst = cluster.add_host(f"host-kill-{cluster.backend}")
+    cluster.wait_hosts_up([dst.name])
+    web = name("kill")
+    a.run_workload(web, 256)
+    before = a.status(web)
+    proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
+                     "--to", dst.name, "--json"], env={**cluster.env}, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    try:
+        # Wait until the destination is receiving, then kill it outright.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            jobs = [j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web]
+            if jobs and jobs[0]["phase"] == "restore":
+                break
+            time.sleep(0.05)
+        assert jobs and jobs[0]["phase"] == "restore", jobs
+        dst.proc.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job = json.loads(out)
+    # Rolled back; the dead destination's clean-up is reported, not hidden.
+    assert job["state"] in ("rolled_back", "failed"), job
+    assert "rollback" in job["timings"]
+    after = a.verify_memory(web)
+    assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
+    assert a.podman("inspect", "--format", "{{.State.Status}}", web).stdout.strip() == "running"
 
 
 def test_restore_ships_image_missing_on_destination(cluster):
