@@ -1,15 +1,21 @@
-"""Benchmark: moving a running container between two hosts through S3, stasis vs the scripted way.
+"""Benchmark: migration downtime, stasis against the scripted way and against CRIU's own floor.
 
-Baseline (what people script today, and ENVIRONMENT.md measured): on the source
-`podman container checkpoint --export X.tar --compress none`, boto3 multipart upload to S3, boto3
-download on the destination, `podman container restore --import X.tar`. The container is down for
-all of it. stasis: `stasis migrate host-a/NAME --to host-b` (downtime from the freeze to running).
+Rows, all in one run on the same machine, the same SeaweedFS and the same workload (memhold holding
+MiB of memory, half of it compressible), the image already on both hosts:
 
-Both run in the same session on the same machine, same SeaweedFS, same workload (memhold holding
---mib MiB of incompressible memory), the image already present on both hosts. Figures are medians of
---rounds rounds; these machines are shared and noisy, so read the ratio, not the absolute seconds.
+- podman export + S3 + import (what people script today): `podman container checkpoint --export
+  X.tar --compress none`, a boto3 multipart upload, a boto3 download on the destination, and
+  `podman container restore --import X.tar`. The container is down for all of it.
+- local floor: `podman container checkpoint` and `podman container restore` of the same container
+  on one host, with no export. This is CRIU's own dump and restore and nothing else.
+- stasis direct: `stasis migrate` (agent to agent over mutual TLS, the default).
+- stasis via repository: `stasis migrate --via-repository` (through the encrypted S3 repository,
+  leaving a backup).
 
-    python bench/migrate_vs_podman.py [--mib 256] [--rounds 3]
+Downtime runs from the freeze on the source to the container running on the destination. Figures
+are medians over the rounds; these machines are shared and noisy, so read the ratios.
+
+    python bench/migrate_vs_podman.py [--mib 64 1024 4096] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ from stasis.testbed.cluster import Cluster
 from stasis.testbed.images import WORKLOAD_IMAGE
 from stasis.testbed.seaweed import SeaweedFS
 
+COLUMNS = ["dump", "transfer", "restore", "downtime"]
+BASELINE, FLOOR = "podman export + S3 + import", "local floor (podman, one host)"
+DIRECT, REPO = "stasis direct", "stasis via repository"
+
 
 def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict[str, float]:
     a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
@@ -37,45 +47,68 @@ def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict
                       region_name="us-east-1")
     cfg = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=8)
     src, dst = os.path.join(base, f"{name}-src.tar"), os.path.join(base, f"{name}-dst.tar")
-    t = {}
     t0 = time.monotonic()
     a.podman("container", "checkpoint", name, "--export", src, "--compress", "none", timeout=1800)
-    t["dump"] = time.monotonic() - t0
     t1 = time.monotonic()
     s3.upload_file(src, "bench-baseline", f"{name}.tar", Config=cfg)
-    t["upload"] = time.monotonic() - t1
-    t2 = time.monotonic()
     s3.download_file("bench-baseline", f"{name}.tar", dst, Config=cfg)
-    t["download"] = time.monotonic() - t2
-    t3 = time.monotonic()
+    t2 = time.monotonic()
     b.podman("container", "restore", "--import", dst, "--name", name, timeout=1800)
-    t["restore"] = time.monotonic() - t3
-    t["downtime"] = time.monotonic() - t0
-    assert b.verify_memory(name, timeout=120)["verified"] == "ok"
+    t3 = time.monotonic()
+    assert b.verify_memory(name, timeout=300)["verified"] == "ok"
     for path in (src, dst):
         os.unlink(path)
-    return t
+    return {"dump": t1 - t0, "transfer": t2 - t1, "restore": t3 - t2, "downtime": t3 - t0}
 
 
-def stasis(cluster: Cluster, name: str) -> dict[str, float]:
-    job = cluster.cli_json("migrate", f"host-a/{name}", "--to", "host-b")
+def floor(cluster: Cluster, name: str) -> dict[str, float]:
+    a = cluster.hosts["host-a"]
+    t0 = time.monotonic()
+    a.podman("container", "checkpoint", name, timeout=1800)
+    t1 = time.monotonic()
+    a.podman("container", "restore", name, timeout=1800)
+    t2 = time.monotonic()
+    assert a.verify_memory(name, timeout=300)["verified"] == "ok"
+    return {"dump": t1 - t0, "transfer": 0.0, "restore": t2 - t1, "downtime": t2 - t0}
+
+
+def stasis(cluster: Cluster, name: str, *extra: str) -> dict[str, float]:
+    job = cluster.cli_json("migrate", f"host-a/{name}", "--to", "host-b", *extra)
     assert job["state"] == "succeeded", job["error"]
-    assert cluster.hosts["host-b"].verify_memory(name, timeout=120)["verified"] == "ok"
+    assert cluster.hosts["host-b"].verify_memory(name, timeout=300)["verified"] == "ok"
     t = job["timings"]
-    return {"dump": t.get("source.dump", 0), "upload": t.get("source.upload", 0),
-            "download": t.get("destination.download", 0), "restore": t.get("destination.restore", 0),
+    transfer = t.get("destination.transfer", 0) + t.get("source.upload", 0) + t.get("destination.download", 0)
+    return {"dump": t.get("source.dump", 0), "transfer": transfer, "restore": t.get("destination.restore", 0),
             "downtime": job["downtime_seconds"]}
+
+
+def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: int) -> dict[str, dict]:
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    methods = {BASELINE: lambda n: baseline(cluster, seaweed, n, base), FLOOR: lambda n: floor(cluster, n),
+               DIRECT: lambda n: stasis(cluster, n), REPO: lambda n: stasis(cluster, n, "--via-repository")}
+    results: dict[str, list[dict[str, float]]] = {label: [] for label in methods}
+    for r in range(rounds):
+        for i, (label, method) in enumerate(methods.items()):
+            name = f"bench-{mib}-{r}-{i}"
+            a.run_workload(name, mib, compressible_percent=50)
+            time.sleep(0.5)
+            res = method(name)
+            results[label].append(res)
+            for host in (a, b):
+                host.podman("rm", "-f", "-t", "0", name, check=False)
+            print(f"{mib} MiB round {r + 1} {label}: downtime {res['downtime']:.2f} s", file=sys.stderr, flush=True)
+    return {label: {c: statistics.median(row[c] for row in rows) for c in COLUMNS} for label, rows in results.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--mib", type=int, nargs="+", default=[256])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="stasis-bench-", dir="/var/tmp")
     seaweed = SeaweedFS(os.path.join(base, "seaweedfs")).start()
     cluster = Cluster(base, "s3://stasis-bench/repo", seaweed.env)
-    results: dict[str, list[dict[str, float]]] = {"podman export + S3 + import": [], "stasis migrate": []}
+    table: dict[int, dict[str, dict]] = {}
     try:
         boto3.client("s3", endpoint_url=seaweed.endpoint, aws_access_key_id="x", aws_secret_access_key="x",
                      region_name="us-east-1").create_bucket(Bucket="bench-baseline")
@@ -84,31 +117,22 @@ def main() -> int:
         cluster.wait_hosts_up(["host-a", "host-b"])
         a.import_image(WORKLOAD_IMAGE)
         b.import_image(WORKLOAD_IMAGE)
-        for r in range(args.rounds):
-            for label in results:
-                name = f"bench-{r}-{'p' if label.startswith('podman') else 's'}"
-                a.run_workload(name, args.mib)
-                time.sleep(0.5)
-                res = baseline(cluster, seaweed, name, base) if label.startswith("podman") else stasis(cluster, name)
-                results[label].append(res)
-                b.podman("rm", "-f", "-t", "0", name)
-                a.podman("rm", "-f", "-t", "0", name, check=False)
-                print(f"round {r + 1} {label}: downtime {res['downtime']:.2f} s", file=sys.stderr, flush=True)
+        for mib in args.mib:
+            table[mib] = run_size(cluster, seaweed, base, mib, args.rounds)
     finally:
         cluster.stop()
         seaweed.stop()
         shutil.rmtree(base, ignore_errors=True)
 
-    cols = ["dump", "upload", "download", "restore", "downtime"]
-    med = {label: {c: statistics.median(r[c] for r in rows) for c in cols} for label, rows in results.items()}
-    print(f"\nmigration of a container holding {args.mib} MiB through S3 (SeaweedFS, loopback); "
-          f"median of {args.rounds} rounds, seconds")
-    print(f"{'':32}" + "".join(f"{c:>10}" for c in cols))
-    for label, row in med.items():
-        print(f"{label:32}" + "".join(f"{row[c]:>10.2f}" for c in cols))
-    base_dt, ours = med["podman export + S3 + import"]["downtime"], med["stasis migrate"]["downtime"]
-    print(f"downtime ratio stasis / baseline: {ours / base_dt:.2f}")
-    print(json.dumps({"mib": args.mib, "rounds": args.rounds, "median": med, "ratio": ours / base_dt}))
+    print(f"\nmigration downtime, memory half compressible, SeaweedFS on loopback; median of {args.rounds} "
+          f"rounds, seconds")
+    print(f"{'MiB':>6}  {'':32}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'/baseline':>11}{'/floor':>8}")
+    for mib, rows in table.items():
+        for label, row in rows.items():
+            print(f"{mib:>6}  {label:32}" + "".join(f"{row[c]:>10.2f}" for c in COLUMNS) +
+                  f"{row['downtime'] / rows[BASELINE]['downtime']:>11.2f}"
+                  f"{row['downtime'] / rows[FLOOR]['downtime']:>8.2f}")
+    print(json.dumps({"rounds": args.rounds, "median": table}))
     return 0
 
 

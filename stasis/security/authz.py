@@ -8,6 +8,7 @@ a new RPC must be classified before anybody can call it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
 from dataclasses import dataclass, field
@@ -129,36 +130,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, method: str, inner):
         async def call(request, context):
-            started = time.monotonic()
-            ident, response = UNIDENTIFIED, None
-            try:
-                ident = self.identify(context)
-                self.check(method, ident, request)
-                CALLER.set(ident)
-                response = await inner(request, context)
-                return response
-            except _Refusal as refusal:
-                await self._refuse(context, ident, method, refusal)
-            finally:
-                self._record(ident, method, request, response, context, started)
+            async with self._guard(method, request, context) as guarded:
+                guarded.response = await inner(request, context)
+                return guarded.response
         return call
 
     def _stream(self, method: str, inner):
         async def call(request, context):
-            started = time.monotonic()
-            ident, last = UNIDENTIFIED, None
-            try:
-                ident = self.identify(context)
-                self.check(method, ident, request)
-                CALLER.set(ident)
+            async with self._guard(method, request, context) as guarded:
                 async for item in inner(request, context):
-                    last = item
+                    guarded.response = item   # the last one (a job's final state) goes to the audit
                     yield item
-            except _Refusal as refusal:
-                await self._refuse(context, ident, method, refusal)
-            finally:
-                self._record(ident, method, request, last, context, started)
         return call
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, method: str, request, context):
+        """Admit the call (or abort it), make the caller visible to the servicer, audit the end."""
+        guarded = _Guarded(UNIDENTIFIED, None, time.monotonic())
+        try:
+            try:
+                guarded.ident = self.identify(context)
+                self.check(method, guarded.ident, request)
+            except _Refusal as refusal:
+                await self._refuse(context, guarded.ident, method, refusal)
+            CALLER.set(guarded.ident)
+            yield guarded
+        finally:
+            self._record(guarded.ident, method, request, guarded.response, context, guarded.started)
 
     async def _refuse(self, context, ident: Identity, method: str, refusal: "_Refusal") -> None:
         log.warning("call refused", method=_short(method), caller=ident.principal, code=refusal.code.name,
@@ -179,6 +177,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self.audit(ident, method, request, response, code, details, time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - a failing audit sink must not hide the call's own result
             log.error("audit record failed", method=_short(method), error=str(exc))
+
+
+@dataclass
+class _Guarded:
+    ident: Identity
+    response: Any
+    started: float
 
 
 class _Refusal(Exception):
