@@ -221,6 +221,13 @@ class DockerRuntime(Runtime):
         except NotFound:
             raise NotFound(f"no container {name!r} on this host") from None
 
+    async def memory_bytes(self, name: str) -> int:
+        stats = await self._call(self._api().stats, name, stream=False)
+        try:
+            return int(stats["memory_stats"]["usage"])
+        except (KeyError, TypeError, ValueError):
+            return 0
+
     async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
         api = self._api()
 

@@ -6,9 +6,11 @@ import asyncio
 import os
 import platform
 import shutil
+import tempfile
 
 from stasis import __version__
-from stasis.agent.process import run
+from stasis.agent.process import run, tail
+from stasis.errors import RuntimeFailure
 from stasis.agent.runtime import Runtime
 
 # Features that decide what kind of checkpoint and migration this host can take part in.
@@ -24,6 +26,31 @@ async def criu_version(criu: str = "criu") -> str:
         if line.startswith("Version:"):
             return line.split(":", 1)[1].strip()
     return ""
+
+
+async def cpuinfo_dump(work_dir: str, criu: str = "criu") -> bytes:
+    """CRIU's description of this CPU (`criu cpuinfo dump`), for another host to check against."""
+    folder = tempfile.mkdtemp(prefix="cpuinfo-", dir=work_dir)
+    try:
+        out = await run([criu, "cpuinfo", "dump", "-D", folder], timeout=20, check=False)
+        if out.returncode != 0:
+            raise RuntimeFailure(f"criu cpuinfo dump failed: {tail(out.stderr)}")
+        with open(os.path.join(folder, "cpuinfo.img"), "rb") as f:
+            return f.read()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def cpuinfo_check(image: bytes, work_dir: str, criu: str = "criu") -> str:
+    """Why processes dumped on the CPU `image` describes cannot run here, or "" when they can."""
+    folder = tempfile.mkdtemp(prefix="cpuinfo-", dir=work_dir)
+    try:
+        with open(os.path.join(folder, "cpuinfo.img"), "wb") as f:
+            f.write(image)
+        out = await run([criu, "cpuinfo", "check", "-D", folder], timeout=20, check=False)
+        return "" if out.returncode == 0 else (tail(out.stderr) or tail(out.stdout) or "incompatible CPU")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def criu_feature(name: str, criu: str = "criu") -> bool:

@@ -82,5 +82,9 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def image_save(self, image: str, image_id: str, archive: str) -> None: ...
 
+    async def memory_bytes(self, name: str) -> int:
+        """The container's memory use now (0 if the engine cannot tell): a checkpoint's size."""
+        return 0
+
     @abc.abstractmethod
     async def image_load(self, archive: str) -> None: ...

@@ -101,6 +101,14 @@ class AgentServicer(pb_grpc.AgentServicer):
         await self.service.remove(request.name, request.force)
         return pb.RemoveContainerResponse()
 
+    async def DescribeForMigration(self, request, context):
+        cpuinfo, memory = await self.service.describe_for_migration(request.name)
+        return pb.MigrationNeeds(container=request.name, cpuinfo=cpuinfo, memory_bytes=memory)
+
+    async def CheckMigration(self, request, context):
+        await self.service.check_migration(request.cpuinfo, request.memory_bytes)
+        return pb.CheckMigrationResponse()
+
     async def FetchCheckpoint(self, request, context):
         async for chunk in self.service.fetch(request.checkpoint_id, request.ticket):
             yield chunk

@@ -19,7 +19,7 @@ import structlog
 
 from stasis.agent import failpoints
 from stasis.agent.podman import check_name
-from stasis.agent.probe import criu_version, probe
+from stasis.agent.probe import cpuinfo_check, cpuinfo_dump, criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
 from stasis.errors import (AlreadyExists, FailedPrecondition, IntegrityError, InvalidArgument, NotFound,
                            PermissionDenied, RuntimeFailure, StasisError)
@@ -124,6 +124,27 @@ class AgentService:
             raise InvalidArgument("exec needs a command (at most 256 arguments)")
         await self.inspect(name)
         return await self.runtime.exec(name, argv, min(max(timeout, 1.0), 3600.0))
+
+    async def describe_for_migration(self, name: str) -> tuple[bytes, int]:
+        """What a destination must be able to take: this CPU (CRIU's view) and the memory to move."""
+        await self.inspect(name)
+        cpuinfo, memory = await asyncio.gather(cpuinfo_dump(self.work_dir), self.runtime.memory_bytes(name))
+        return cpuinfo, memory
+
+    async def check_migration(self, cpuinfo: bytes, memory_bytes: int) -> None:
+        """Refuse, before anything is frozen, a migration this host could not complete."""
+        problems = []
+        if cpuinfo:
+            why = await cpuinfo_check(cpuinfo, self.work_dir)
+            if why:
+                problems.append(f"its CPU lacks what the source's offers (criu cpuinfo check: {why})")
+        # The archive lands in the stage folder, and podman copies it into its own storage.
+        needed = int(memory_bytes * 1.5)
+        free = shutil.disk_usage(self.work_dir).free
+        if free < needed:
+            problems.append(f"{free} bytes free in {self.work_dir}, about {needed} needed")
+        if problems:
+            raise FailedPrecondition(f"{self.host_name} cannot take this container: " + "; ".join(problems))
 
     async def resume(self, name: str) -> ContainerInfo:
         self.spool.drop_container(name)   # a rolled-back migration: nobody will fetch it now

@@ -103,6 +103,12 @@ class AgentClient:
                                      peer_address=peer.address if peer else "", ticket=ticket)
         return (await self._stream(self.stub.Restore, req, on_progress)).restored
 
+    async def describe_for_migration(self, name: str) -> pb.MigrationNeeds:
+        return await self._call(self.stub.DescribeForMigration, pb.InspectContainerRequest(name=name))
+
+    async def check_migration(self, needs: pb.MigrationNeeds) -> None:
+        await self._call(self.stub.CheckMigration, needs)
+
     async def resume(self, name: str) -> pb.Container:
         return await self._call(self.stub.Resume, pb.ResumeRequest(name=name), timeout=LONG)
 

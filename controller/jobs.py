@@ -57,10 +57,16 @@ class JobManager:
         self.store = store
         self.live: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
-        # A controller that stopped mid-job cannot know what the agents finished: say so plainly.
+        # Migrations a stopped controller left half done are picked up again (ControllerService.
+        # recover_jobs): the source may be frozen. Other kinds only report what happened.
+        self.interrupted: list[JobRow] = []
         for row in store.unfinished_jobs():
+            if row.kind == "migrate":
+                self.interrupted.append(row)
+                continue
             row.state, row.error = "failed", f"controller restarted during phase {row.phase or 'start'}"
             store.save_job(row)
+        self.interrupted += store.uncleaned_migrations()
 
     def existing(self, request_id: str, kind: str, params: dict[str, Any]) -> Job | None:
         """The job a retried request already started, or None; refuses an id reused for other work."""
@@ -81,6 +87,16 @@ class JobManager:
         if found is not None:
             return found
         job = Job(self.store.create_job(request_id or uuid.uuid4().hex[:12], kind, params))
+        self.live[job.id] = job
+        task = asyncio.ensure_future(self._run(job, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def resume(self, row: JobRow, work: Callable[[Job], Awaitable[None]]) -> Job:
+        """Run `work` on an existing (interrupted) job."""
+        job = Job(row)
+        job.done.clear()
         self.live[job.id] = job
         task = asyncio.ensure_future(self._run(job, work))
         self._tasks.add(task)

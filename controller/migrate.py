@@ -2,6 +2,10 @@
 
     preflight -> checkpoint (source stops) -> restore (destination) -> verify -> commit -> cleanup
 
+Every agent call carries the job id as its operation id, so calling again after a controller
+restart joins (or replays) what the agent did instead of doing it twice: `recover` picks a job up
+at its persisted phase.
+
 Invariant: at every moment at least one restorable copy exists and at most one copy runs. Before
 commit, a failure removes whatever the destination started and resumes the source from its own
 local checkpoint; after commit only clean-up of the source is left, and its failure is reported
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from stasis.controller.agents import AgentClient
+from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, StasisError
 from stasis.security import tickets
 
@@ -49,30 +54,78 @@ class Migration:
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
             await self.preflight()
+        await self._move(job)
+
+    async def recover(self, job: "Job") -> None:
+        """Pick up a job a controller restart interrupted, at the phase it had reached."""
+        phase = job.row.phase
+        job.result["recovered"] = f"after a controller restart in phase {phase or 'start'}"
+        log.warning("recovering migration", job=job.id, phase=phase)
+        if phase in ("", "preflight"):
+            # The checkpoint phase is saved before the source is asked to dump: nothing was frozen.
+            job.row.state, job.row.error = "failed", ("the controller restarted during preflight; nothing was "
+                                                      f"changed and {self.container} runs on {self.source.name}")
+            return
+        self.restore_started = job.result.get("restore_started") == "true"
+        if job.row.state == "succeeded":   # committed: only the clean-up is left
+            await self._finish(job, pb.Container())
+            return
+        if phase == "rollback":
+            await self.rollback(job, StasisError(job.row.error or "the controller restarted during rollback"))
+            return
+        if phase == "commit":   # verified, not yet durable: commit if it still runs, else roll back
+            try:
+                running = await self.destination.inspect(self.container)
+            except NotFound:
+                running = pb.Container(state="gone")
+            if running.state == "running":
+                await self._finish(job, running)
+            else:
+                await self.rollback(job, StasisError(f"{self.container} on {self.destination.name} is "
+                                                     f"{running.state} after the controller restarted"))
+            return
+        # checkpoint, restore or verify: the same calls again, with the same operation ids.
+        await self._move(job, recovering=True)
+
+    async def _move(self, job: "Job", recovering: bool = False) -> None:
         frozen_at = time.monotonic()
-        self.restore_started = False
+        # A recovered job whose restore had begun: the destination may hold our container already.
+        resumed_restore = self.restore_started = recovering and job.result.get("restore_started") == "true"
         try:
             direct = self.transfer == "direct"
             job.result["transfer"] = self.transfer
-            async with self.jobs.phase(job, "checkpoint"):
-                summary = await self.source.checkpoint(job.id, self.container, False,
-                                                       self.service.repository.url,
-                                                       lambda p: job.publish(p), direct=direct)
-            if not direct:
-                self.service.record(summary)
-            job.result["checkpoint_id"] = summary.id
-            for t in summary.timings:
-                job.timings[f"source.{t.name}"] = round(t.seconds, 4)
+            if recovering and job.row.phase != "checkpoint" and job.result.get("checkpoint_id"):
+                summary = pb.CheckpointSummary(id=job.result["checkpoint_id"])   # the dump is done
+            else:
+                async with self.jobs.phase(job, "checkpoint"):
+                    summary = await self.source.checkpoint(job.id, self.container, False,
+                                                           self.service.repository.url,
+                                                           lambda p: job.publish(p), direct=direct)
+                if not direct:
+                    self.service.record(summary)
+                job.result["checkpoint_id"] = summary.id
+                for t in summary.timings:
+                    job.timings[f"source.{t.name}"] = round(t.seconds, 4)
+            self.restore_started = True
+            job.result["restore_started"] = "true"   # saved with the phase: a recovery must know
             async with self.jobs.phase(job, "restore"):
-                self.restore_started = True
                 peer, ticket = None, b""
                 if direct:
                     peer = self.source
                     ticket = tickets.mint(self.service.transport, job.id, summary.id, self.source.name,
                                           self.destination.name)
-                restored = await self.destination.restore(job.id, summary.id, self.service.repository.url,
-                                                          self.container, lambda p: job.publish(p), peer, ticket)
-            job.row.downtime = round(time.monotonic() - frozen_at, 4)
+                try:
+                    restored = await self.destination.restore(job.id, summary.id, self.service.repository.url,
+                                                              self.container, lambda p: job.publish(p), peer,
+                                                              ticket)
+                except AlreadyExists:
+                    if not resumed_restore:
+                        raise
+                    # The destination forgot our first call (its agent restarted) but the container
+                    # it restored then is there: preflight proved the name was free before.
+                    restored = pb.RestoreResult()
+            if not recovering:
+                job.row.downtime = round(time.monotonic() - frozen_at, 4)
             for t in restored.timings:
                 job.timings[f"destination.{t.name}"] = round(t.seconds, 4)
             async with self.jobs.phase(job, "verify"):
@@ -84,6 +137,7 @@ class Migration:
             # The destination refused because the name is taken by a container this job did not
             # create: it must not be touched.
             self.restore_started = False
+            job.result["restore_started"] = "false"
             await self.rollback(job, exc)
             return
         except StasisError as exc:
@@ -93,11 +147,16 @@ class Migration:
             log.error("migration failed unexpectedly; rolling back", job=job.id, exc_info=exc)
             await self.rollback(job, StasisError(f"internal error: {type(exc).__name__}: {exc}"))
             return
-        async with self.jobs.phase(job, "commit"):
-            job.result.update(host=self.destination.name, container=self.container,
-                              container_id=running.id)
-            job.row.state = "succeeded"   # durable: from here on the destination is the container
-            self.jobs.save(job)
+        await self._finish(job, running)
+
+    async def _finish(self, job: "Job", running: pb.Container) -> None:
+        """Commit (the destination runs, verified), then clean the source up; only the latter retries."""
+        if job.row.state != "succeeded":
+            async with self.jobs.phase(job, "commit"):
+                job.result.update(host=self.destination.name, container=self.container,
+                                  container_id=running.id)
+                job.row.state = "succeeded"   # durable: from here on the destination is the container
+                self.jobs.save(job)
         async with self.jobs.phase(job, "cleanup"):
             try:
                 await self.source.remove(self.container, force=True)
@@ -126,6 +185,8 @@ class Migration:
                                 f"{self.destination.name}; remove it first")
         except NotFound:
             pass
+        # CPU compatibility (CRIU's own check) and room for the checkpoint, on the destination.
+        await self.destination.check_migration(await self.source.describe_for_migration(self.container))
 
     async def rollback(self, job: "Job", cause: StasisError) -> None:
         async with self.jobs.phase(job, "rollback"):

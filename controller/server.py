@@ -138,12 +138,14 @@ async def serve(service: ControllerService, listen: str) -> None:
     await server.start()
     added = await service.sync_catalog()
     scheduler = asyncio.ensure_future(service.schedules.loop())
+    recovery = asyncio.ensure_future(service.recover_jobs())
     log.info("controller listening", address=listen, repository=service.repository.url,
              catalog_imported=added, pid=os.getpid())
     try:
         await server.wait_for_termination()
     finally:
         scheduler.cancel()
+        recovery.cancel()
         await service.close()
         await server.stop(grace=2)
         await asyncio.sleep(0)

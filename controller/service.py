@@ -221,6 +221,28 @@ class ControllerService:
         migration = Migration(self, source, destination, container, transfer)
         return self.jobs.start("migrate", params, request_id, migration.run)
 
+    async def recover_jobs(self, retry_seconds: float = 2.0) -> None:
+        """Finish or roll back the migrations a previous controller left half done.
+
+        Their hosts must answer first; until they do, the job stays running and says what it waits
+        for (rolling back needs the source, finishing needs the destination)."""
+        from stasis.controller.migrate import Migration
+
+        async def one(row) -> None:
+            params = json.loads(row.params)
+            while True:
+                try:
+                    source, destination = self.agent(params["host"]), self.agent(params["to"])
+                    break
+                except (Unavailable, NotFound) as exc:
+                    log.warning("migration waits for its hosts to recover", job=row.id, error=exc.message)
+                    await asyncio.sleep(retry_seconds)
+            migration = Migration(self, source, destination, params["container"], params.get("transfer", "direct"))
+            await self.jobs.resume(row, migration.recover).done.wait()
+
+        rows, self.jobs.interrupted = self.jobs.interrupted, []
+        await asyncio.gather(*(one(r) for r in rows))
+
     async def close(self) -> None:
         await self.schedules.close()
         await self.jobs.close()

@@ -162,6 +162,13 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(JobRow).where(JobRow.state == "running")))
 
+    def uncleaned_migrations(self) -> list[JobRow]:
+        """Committed migrations whose source clean-up never ran (the controller stopped first)."""
+        with self.session() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.kind == "migrate", JobRow.state == "succeeded",
+                                                  JobRow.phase.in_(("commit", "cleanup"))))
+            return [r for r in rows if "cleanup" not in json.loads(r.result or "{}")]
+
     # ---------------------------------------------------------------- checkpoint catalog
 
     def record_checkpoint(self, row: CheckpointRow) -> None:

@@ -20,7 +20,7 @@ die() { printf 'provision: error: %s\n' "$*" >&2; exit 1; }
 [ "${ID:-}" = debian ] && [ "${VERSION_ID:-}" = 12 ] || \
     die "needs Debian 12 (bookworm), this machine is ${PRETTY_NAME:-unknown}"
 
-APT_PKGS=(podman runc docker.io busybox-static iproute2 util-linux build-essential pkg-config
+APT_PKGS=(podman runc docker.io busybox-static iproute2 util-linux build-essential pkg-config patch
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libnl-3-dev libnet1-dev libcap-dev
     libaio-dev libbsd-dev libgnutls28-dev python3-protobuf libnftables-dev uuid-dev libdrm-dev
     xz-utils)
@@ -43,8 +43,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # CRIU: Debian 12's 3.17 fails on this kernel; build 4.1.1 from the source tarball of Debian's
-# next release. Never install trixie binaries (they pull a newer libc).
-if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; then
+# next release. Never install trixie binaries (they pull a newer libc). Our patches (scripts/criu/)
+# are applied on top; the build is redone whenever they change.
+#   0001: Linux 6.16 removed SO_PASSCRED/SO_PASSSEC from inet sockets; unpatched 4.1.1 cannot dump
+#         any process with a TCP or UDP socket on this kernel (CRIU issues #2705/#2718).
+CRIU_PATCHES=("$ROOT"/scripts/criu/*.patch)
+CRIU_BUILD_ID="$CRIU_VERSION+$(cat "${CRIU_PATCHES[@]}" | sha256sum | cut -c1-16)"
+CRIU_STAMP=/usr/local/share/stasis/criu-build
+if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION" || \
+        [ "$(cat "$CRIU_STAMP" 2>/dev/null)" != "$CRIU_BUILD_ID" ]; then
     say "building CRIU $CRIU_VERSION"
     src_list=/etc/apt/sources.list.d/stasis-trixie-src.sources
     if [ ! -e "$src_list" ]; then
@@ -61,12 +68,16 @@ if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; then
     id _apt >/dev/null 2>&1 && chown _apt "$work"   # apt-helper downloads as _apt
     /usr/lib/apt/apt-helper download-file "$url" "$work/criu.tar.xz" "SHA256:$CRIU_SHA256" >/dev/null
     tar -C "$work" -xf "$work/criu.tar.xz"
+    for p in "${CRIU_PATCHES[@]}"; do
+        patch -s -p1 -d "$work/criu-$CRIU_VERSION" < "$p" || die "CRIU patch $(basename "$p") does not apply"
+    done
     (cd "$work"/criu-"$CRIU_VERSION" && make -j"$(nproc)" criu >"$work/build.log" 2>&1) || \
         { tail -20 "$work/build.log" >&2; die "CRIU build failed"; }
     install -m 0755 "$work/criu-$CRIU_VERSION/criu/criu" "$CRIU_BIN"
     # Keep CRIU's image definitions for the forensic decoders (MIT-licensed .proto files).
     mkdir -p /usr/local/share/stasis/criu-images
     cp "$work/criu-$CRIU_VERSION"/images/*.proto /usr/local/share/stasis/criu-images/
+    echo "$CRIU_BUILD_ID" > "$CRIU_STAMP"
     rm -rf "$work"
 fi
 # podman and runc look up criu on PATH; /usr/sbin/criu (Debian's broken 3.17) must never win.

@@ -179,3 +179,18 @@ async def test_only_the_agents_own_repository_is_used(agent, repo_url, tmp_path)
         await fresh.restore("op4", m.id, repo_url, "x", noop)
     fresh.learn_repository(repo_url)
     assert fresh.repository == repo_url
+
+
+async def test_migration_preflight_checks_cpu_with_criu_and_space(agent):
+    """Real `criu cpuinfo dump/check` (CRIU is part of the stack every test machine has)."""
+    import shutil
+
+    from tests.conftest import require
+    require(shutil.which("criu") is not None, "criu is not installed: run 'make provision'")
+    cpuinfo, memory = await agent.describe_for_migration("web")
+    assert len(cpuinfo) > 16 and memory == 0          # the fake runtime cannot tell its memory
+    await agent.check_migration(cpuinfo, 1 << 20)      # the same CPU takes it
+    with pytest.raises(FailedPrecondition, match="CPU"):
+        await agent.check_migration(b"\x00" * 40, 0)   # a damaged or foreign CPU description
+    with pytest.raises(FailedPrecondition, match="bytes free"):
+        await agent.check_migration(cpuinfo, 1 << 60)

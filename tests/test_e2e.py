@@ -461,3 +461,85 @@ def test_controller_rebuilds_catalog_from_repository(cluster):
     cluster.wait_hosts_up(["host-a", "host-b"])
     after = {c["id"] for c in cluster.cli_json("checkpoints")}
     assert before <= after
+
+
+# A process tree that holds what a migration must carry besides memory: an established TCP
+# connection (both ends inside the container, on its own loopback), a file lock, and a named volume.
+CONNECTED = ("sleep 100000 | nc -l -p 9000 >> /vol/recv & sleep 0.5; "
+             "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done | nc 127.0.0.1 9000 & "
+             "flock /vol/lock -c 'sleep 100000' & exec sleep 100000")
+
+
+def _received(host, container: str) -> list[int]:
+    return [int(x) for x in host.podman("exec", container, "cat", "/vol/recv", check=False).stdout.split()]
+
+
+def test_migrate_carries_tcp_connection_file_lock_named_volume_and_process_tree(cluster):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web, vol = name("net"), name("vol")
+    a.podman("volume", "create", vol)
+    a.podman("run", "-d", "--network", "none", "--name", web, "-v", f"{vol}:/vol", "localhost/stasis-memhold:1",
+             "/bin/sh", "-c", f"echo before > /vol/marker; {CONNECTED}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_received(a, web)) < 5:
+        time.sleep(0.2)
+    assert "ESTABLISHED" in a.exec(web, "netstat", "-tn")
+    before = _received(a, web)
+    procs_before = sorted(line.split()[-1] for line in a.exec(web, "ps", "-o", "comm").split()[1:])
+
+    job = cluster.cli_json("migrate", f"host-a/{web}", "--to", "host-b")
+    assert job["state"] == "succeeded", job["error"]
+
+    time.sleep(1)
+    after = _received(b, web)
+    # The same connection goes on: the counter continues where it was, with nothing missing.
+    assert after[:len(before)] == before and len(after) > len(before)
+    assert after == list(range(1, len(after) + 1))
+    assert "ESTABLISHED" in b.exec(web, "netstat", "-tn")
+    # The lock is still held by the migrated flock, the volume's contents travelled.
+    held = b.podman("exec", web, "flock", "-n", "/vol/lock", "-c", "true", check=False)
+    assert held.returncode != 0
+    assert b.exec(web, "cat", "/vol/marker").strip() == "before"
+    procs_after = sorted(line.split()[-1] for line in b.exec(web, "ps", "-o", "comm").split()[1:])
+    assert [p for p in procs_after if p not in ("ps",)] == [p for p in procs_before if p not in ("ps",)]
+    b.podman("rm", "-f", "-t", "0", web)
+
+
+@pytest.mark.parametrize("phase", ["checkpoint", "restore"])
+def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(cluster, phase):
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web = name(f"crash-{phase[:4]}")
+    a.run_workload(web, 256)
+    before = a.status(web)
+    proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
+                     "--to", "host-b", "--json"], env=cluster.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    job = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (job is None or job["phase"] != phase):
+            job = next((j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web),
+                       None)
+            time.sleep(0.02)
+        assert job is not None and job["phase"] == phase, job
+        cluster.controller.kill()                      # no clean shutdown: a crash
+        cluster.controller.wait()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    cluster.start_controller()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        shown = cluster.cli_json("job", job["id"])
+        if shown["state"] != "running":
+            break
+        time.sleep(0.5)
+    assert shown["state"] in ("succeeded", "rolled_back"), shown
+    assert shown["result"]["recovered"] == f"after a controller restart in phase {phase}"
+    # Never two running copies, never none; the one that runs has the memory it had.
+    running = [h for h in (a, b) if any(c["Names"][0] == web and c.get("State", "").lower() == "running"
+                                        for c in h.containers())]
+    assert len(running) == 1, [h.name for h in running]
+    assert running[0].verify_memory(web)["nonce"] == before["nonce"]
+    assert running[0] is (b if shown["state"] == "succeeded" else a)
+    running[0].podman("rm", "-f", "-t", "0", web)

@@ -7,6 +7,8 @@ failure can be placed at an exact phase.
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 
 import pytest
 
@@ -34,6 +36,13 @@ class FakeAgent:
 
     async def host_info(self):
         return pb.HostInfo(name=self.name, runtime="podman", criu_version=self.criu)
+
+    async def describe_for_migration(self, name):
+        return pb.MigrationNeeds(container=name, cpuinfo=b"cpu of " + self.name.encode(), memory_bytes=1 << 20)
+
+    async def check_migration(self, needs):
+        self._maybe_fail("check")
+        assert needs.cpuinfo.startswith(b"cpu of ")
 
     async def inspect(self, name):
         self._maybe_fail("inspect")
@@ -123,6 +132,14 @@ async def test_preflight_refuses_before_anything_is_frozen(service, src_criu, ds
     assert dst.containers == dst_containers
 
 
+async def test_a_destination_that_cannot_take_it_is_refused_in_preflight(service):
+    src = FakeAgent("a", containers={"web": "running"})
+    dst = FakeAgent("b", fail={"check"})
+    job = await migrate(service, src, dst)
+    assert job.row.state == "failed" and "check failed on b" in job.row.error
+    assert "checkpoint" not in src.calls and src.containers["web"] == "running"
+
+
 async def test_stopped_source_is_refused(service):
     job = await migrate(service, FakeAgent("a", containers={"web": "exited"}), FakeAgent("b"))
     assert job.row.state == "failed" and "not running" in job.row.error
@@ -171,14 +188,93 @@ async def test_watch_sees_every_phase_then_ends(service):
     assert (await anext(aiter(service.jobs.watch(job)))).job.state == "succeeded"
 
 
-async def test_restart_marks_unfinished_jobs_failed(tmp_path):
+async def test_restart_fails_unfinished_jobs_but_keeps_migrations_for_recovery(tmp_path):
     store = Store(str(tmp_path / "c.db"))
-    row = store.create_job("j1", "migrate", {})
-    row.phase = "restore"
-    store.save_job(row)
-    JobManager(store)
+    for ident, kind in (("j1", "checkpoint"), ("j2", "migrate")):
+        row = store.create_job(ident, kind, {})
+        row.phase = "restore"
+        store.save_job(row)
+    manager = JobManager(store)
     assert store.job("j1").state == "failed"
     assert "controller restarted during phase restore" in store.job("j1").error
+    assert [r.id for r in manager.interrupted] == ["j2"] and store.job("j2").state == "running"
+
+
+class Remembering(FakeAgent):
+    """An agent whose restarted process forgot the controller's first restore call."""
+
+    async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b""):
+        from stasis.errors import AlreadyExists
+
+        self.calls.append("restore")
+        if name in self.containers:
+            raise AlreadyExists(f"a container named {name!r} already exists")
+        self.containers[name] = "running"
+        return pb.RestoreResult(container=pb.Container(name=name, state="running"))
+
+
+async def recover(service, src, dst, phase, state="running", result=None):
+    """A job as a killed controller left it, then picked up by a new one."""
+    row = service.store.create_job(f"job-{phase}-{uuid.uuid4().hex[:6]}", "migrate",
+                                   {"host": "a", "container": "web", "to": "b", "transfer": "direct"})
+    row.phase, row.state = phase, state
+    row.result = json.dumps(result or {})
+    service.store.save_job(row)
+    job = service.jobs.resume(service.store.job(row.id), Migration(service, src, dst, "web").recover)
+    await job.done.wait()
+    return job
+
+
+def running_copies(*agents) -> int:
+    return sum(a.containers.get("web") == "running" for a in agents)
+
+
+async def test_recovery_from_preflight_changes_nothing(service):
+    src, dst = FakeAgent("a", containers={"web": "running"}), FakeAgent("b")
+    job = await recover(service, src, dst, "preflight")
+    assert job.row.state == "failed" and "nothing was changed" in job.row.error
+    assert src.calls == [] and dst.calls == [] and running_copies(src, dst) == 1
+
+
+@pytest.mark.parametrize("phase,src_state,dst_state,result", [
+    ("checkpoint", "running", None, {}),                       # the dump had not happened yet
+    ("checkpoint", "exited", None, {}),                        # it had: the agent replays it
+    ("restore", "exited", None, {"checkpoint_id": "0123456789abcdef", "restore_started": "true"}),
+    ("restore", "exited", "running", {"checkpoint_id": "0123456789abcdef", "restore_started": "true"}),
+    ("verify", "exited", "running", {"checkpoint_id": "0123456789abcdef", "restore_started": "true"}),
+    ("commit", "exited", "running", {"checkpoint_id": "0123456789abcdef", "restore_started": "true"}),
+])
+async def test_recovery_completes_the_migration_with_one_running_copy(service, phase, src_state, dst_state, result):
+    src = FakeAgent("a", containers={"web": src_state})
+    dst = Remembering("b", containers={"web": dst_state} if dst_state else {})
+    job = await recover(service, src, dst, phase, result=result)
+    assert job.row.state == "succeeded", job.row.error
+    assert "web" not in src.containers and dst.containers["web"] == "running"
+    assert job.result["recovered"].endswith(f"phase {phase}") and job.result["cleanup"] == "done"
+
+
+async def test_recovery_of_a_committed_job_only_cleans_up(service):
+    src, dst = FakeAgent("a", containers={"web": "exited"}), FakeAgent("b", containers={"web": "running"})
+    job = await recover(service, src, dst, "cleanup", state="succeeded", result={"checkpoint_id": "x"})
+    assert job.row.state == "succeeded" and job.result["cleanup"] == "done"
+    assert "web" not in src.containers and dst.calls == []
+
+
+async def test_recovery_rolls_back_when_the_destination_lost_it(service):
+    src, dst = FakeAgent("a", containers={"web": "exited"}), FakeAgent("b")
+    job = await recover(service, src, dst, "commit", result={"checkpoint_id": "x", "restore_started": "true"})
+    assert job.row.state == "rolled_back" and src.containers["web"] == "running"
+    assert running_copies(src, dst) == 1
+
+
+async def test_recovery_continues_an_interrupted_rollback(service):
+    src, dst = FakeAgent("a", containers={"web": "exited"}), FakeAgent("b", containers={"web": "running"})
+    job = await recover(service, src, dst, "rollback", result={"restore_started": "true"})
+    assert job.row.state == "rolled_back" and src.containers["web"] == "running" and "web" not in dst.containers
+    # A rollback caused by someone else's container on the destination leaves that container alone.
+    src, dst = FakeAgent("a", containers={"web": "exited"}), FakeAgent("b", containers={"web": "running"})
+    job = await recover(service, src, dst, "rollback", result={"restore_started": "false"})
+    assert job.row.state == "rolled_back" and dst.containers["web"] == "running" and "remove" not in dst.calls
 
 
 async def test_request_id_reused_for_other_work_is_refused(service):

@@ -143,6 +143,20 @@ class Revocation(_message.Message):
     reason: str
     def __init__(self, principal: _Optional[str] = ..., serial: _Optional[str] = ..., before: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class MigrationNeeds(_message.Message):
+    __slots__ = ("container", "cpuinfo", "memory_bytes")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    CPUINFO_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    cpuinfo: bytes
+    memory_bytes: int
+    def __init__(self, container: _Optional[str] = ..., cpuinfo: _Optional[bytes] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class CheckMigrationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class FetchCheckpointRequest(_message.Message):
     __slots__ = ("checkpoint_id", "ticket")
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -76,6 +76,16 @@ class AgentStub:
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.SerializeToString,
                 response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.DescribeForMigration = channel.unary_unary(
+                '/stasis.v1.Agent/DescribeForMigration',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.InspectContainerRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.MigrationNeeds.FromString,
+                _registered_method=True)
+        self.CheckMigration = channel.unary_unary(
+                '/stasis.v1.Agent/CheckMigration',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.MigrationNeeds.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.CheckMigrationResponse.FromString,
+                _registered_method=True)
         self.FetchCheckpoint = channel.unary_stream(
                 '/stasis.v1.Agent/FetchCheckpoint',
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.FetchCheckpointRequest.SerializeToString,
@@ -140,6 +150,20 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeForMigration(self, request, context):
+        """Migration preflight on the source: what a destination must be able to take (CPU, space).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckMigration(self, request, context):
+        """Migration preflight on the destination: refuse what cannot work here, before anything is frozen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchCheckpoint(self, request, context):
         """Direct migration: the destination agent fetches a checkpoint the source agent holds for it.
         The only method open to another agent, and only with a ticket the controller signed.
@@ -190,6 +214,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.FromString,
                     response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.SerializeToString,
+            ),
+            'DescribeForMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeForMigration,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.InspectContainerRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.MigrationNeeds.SerializeToString,
+            ),
+            'CheckMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckMigration,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.MigrationNeeds.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.CheckMigrationResponse.SerializeToString,
             ),
             'FetchCheckpoint': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchCheckpoint,
@@ -415,6 +449,60 @@ class Agent:
             '/stasis.v1.Agent/Exec',
             stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecRequest.SerializeToString,
             stasis_dot_proto_dot_v1_dot_stasis__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeForMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Agent/DescribeForMigration',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.InspectContainerRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.MigrationNeeds.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Agent/CheckMigration',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.MigrationNeeds.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.CheckMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,
