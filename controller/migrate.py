@@ -54,6 +54,7 @@ class Migration:
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
             await self.preflight()
+        job.result["pre_copy"] = self.pre_copy
         await self._move(job)
 
     async def recover(self, job: "Job") -> None:
@@ -179,6 +180,11 @@ class Migration:
         if _version(dst_info.criu_version) < _version(src_info.criu_version):
             raise FailedPrecondition(f"CRIU on {self.destination.name} ({dst_info.criu_version}) is older "
                                      f"than on {self.source.name} ({src_info.criu_version})")
+        # Iterative pre-copy (dumping memory while the container runs, then only what changed) needs
+        # the kernel to track soft-dirty pages; say why the freeze covers all memory.
+        self.pre_copy = ("not implemented yet" if src_info.pre_copy_possible else
+                         f"impossible: {self.source.name}'s kernel does not track soft-dirty pages "
+                         f"(criu check --feature mem_dirty_track fails; CONFIG_MEM_SOFT_DIRTY is off)")
         try:
             await self.destination.inspect(self.container)
             raise AlreadyExists(f"a container named {self.container!r} already exists on "
