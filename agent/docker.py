@@ -161,7 +161,7 @@ class DockerRuntime(Runtime):
 
     # ------------------------------------------------------------------ restore
 
-    async def restore(self, archive: str, name: str) -> RestoreStats:
+    async def restore(self, archive: str, name: str, renamed: bool = True) -> RestoreStats:
         api = self._api()
         check_name(name)
         stage = archive + ".d"

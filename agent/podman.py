@@ -69,11 +69,14 @@ class PodmanRuntime(Runtime):
         stats = _first_container_stats(out.stdout)
         return DumpStats(seconds, {k: int(v) for k, v in (stats.get("criu_statistics") or {}).items()})
 
-    async def restore(self, archive: str, name: str) -> RestoreStats:
+    async def restore(self, archive: str, name: str, renamed: bool = True) -> RestoreStats:
         check_name(name)
         started = time.monotonic()
-        out = await self._podman("container", "restore", "--import", archive, "--name", name,
-                                 "--print-stats", *CARRY, timeout=DUMP_TIMEOUT, check=False)
+        # podman restores established TCP connections only into a container of the same name (a
+        # renamed copy runs beside the original, whose connections those are).
+        args = ["--name", name, "--file-locks"] if renamed else list(CARRY)
+        out = await self._podman("container", "restore", "--import", archive, "--print-stats", *args,
+                                 timeout=DUMP_TIMEOUT, check=False)
         seconds = time.monotonic() - started
         if out.returncode != 0:
             if "already in use" in out.stderr:

@@ -63,7 +63,8 @@ class Runtime(abc.ABC):
         """Dump the container with CRIU into a self-contained archive (memory, files, config)."""
 
     @abc.abstractmethod
-    async def restore(self, archive: str, name: str) -> RestoreStats: ...
+    async def restore(self, archive: str, name: str, renamed: bool = True) -> RestoreStats:
+        """`renamed`: `name` differs from the checkpointed container's (a copy, not a move)."""
 
     @abc.abstractmethod
     async def resume(self, name: str) -> None:

@@ -396,7 +396,7 @@ class AgentService:
                 await image_task
             failpoints.hit("restore.before_runtime")
             emit("restore", f"restoring {name} with CRIU", 0, 0)
-            stats = await self.runtime.restore(archive, name)
+            stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name)
             timings["restore"] = stats.seconds
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:

@@ -80,6 +80,13 @@ if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION" || \
     echo "$CRIU_BUILD_ID" > "$CRIU_STAMP"
     rm -rf "$work"
 fi
+# runc hands /etc/criu/runc.conf to CRIU: add our action script (loopback up before TCP sockets are
+# restored; see scripts/criu/lo-up.sh), keeping whatever else the file says.
+install -D -m 0755 "$ROOT/scripts/criu/lo-up.sh" /usr/local/lib/stasis/criu-lo-up
+mkdir -p /etc/criu
+grep -qs '^action-script /usr/local/lib/stasis/criu-lo-up$' /etc/criu/runc.conf || \
+    printf '# stasis: bring lo up in restored network namespaces\naction-script /usr/local/lib/stasis/criu-lo-up\n' \
+        >> /etc/criu/runc.conf
 # podman and runc look up criu on PATH; /usr/sbin/criu (Debian's broken 3.17) must never win.
 [ -e /usr/sbin/criu ] && [ ! -L /usr/sbin/criu ] && mv /usr/sbin/criu /usr/sbin/criu.debian-3.17
 ln -sf "$CRIU_BIN" /usr/sbin/criu
