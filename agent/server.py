@@ -40,7 +40,7 @@ def _emitter(queue: asyncio.Queue):
 
     def emit(phase: str, message: str, done: int, total: int) -> None:
         # Called from worker threads too; send at most one event per 1% of progress.
-        step = max(total // 100, 1)
+        step = max(total // 100, 1) if total else 64 << 20   # unknown total: every 64 MiB
         if not message and done // step == last.get(phase, -1) and done != total:
             return
         last[phase] = done // step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from stasis.agent import failpoints
 from stasis.agent.podman import check_name
 from stasis.agent.probe import cpuinfo_check, cpuinfo_dump, criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
-from stasis.errors import (AlreadyExists, FailedPrecondition, IntegrityError, InvalidArgument, NotFound,
+from stasis.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                            PermissionDenied, RuntimeFailure, StasisError)
 from stasis.agent import transfer
 from stasis.agent.transfer import Spool
@@ -50,11 +51,12 @@ class Peer:
     ticket: bytes
 
 
-def _direct_size(manifest: Manifest) -> int:
-    try:
-        return int(manifest.tags[DIRECT_TAG])
-    except (KeyError, ValueError):
-        raise IntegrityError(f"offer of checkpoint {manifest.id} does not state its size") from None
+def _sealed_image(seal: dict, manifest: Manifest) -> Artifact:
+    """The image a direct transfer's (verified) seal says to load from the repository."""
+    if seal.get("image") is None:
+        raise FailedPrecondition(f"image {manifest.container.image} is not on this host and the source "
+                                 f"did not ship it")
+    return Artifact.from_json(seal["image"], f"seal of checkpoint {manifest.id}.image")
 
 
 @dataclass
@@ -217,6 +219,8 @@ class AgentService:
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")
+        if direct and leave_running:
+            raise InvalidArgument("a direct checkpoint is a migration's: it stops the container")
         repo = await self._open(repo_url)
         criu, runtime_version = await self._versions()
         # Shared lock: a prune can neither run nor start until this checkpoint is committed.
@@ -239,6 +243,17 @@ class AgentService:
                 await asyncio.to_thread(os.sync)
             emit("dump", f"dumping {info.name} with CRIU", 0, 0)
             archive = os.path.join(stage, "checkpoint.tar")
+            ref = ContainerRef(info.id, info.name, info.image, info.image_id, info.labels)
+            if direct:
+                # The destination may fetch from now on: the offer describes the container, the
+                # archive follows as podman writes it, the seal (size, hash, image) comes at the end.
+                offer = Manifest(id=ckpt_id, created=now_rfc3339(), host=self.host_name, runtime=self.runtime.name,
+                                 runtime_version=runtime_version, criu_version=criu, operation_id=op_id,
+                                 container=ref, leave_running=False, checkpoint=Artifact.build([]), image=None,
+                                 timings={}, criu_stats={}, tags=tags)
+                if self.signer is not None:
+                    offer = self.signer.sign(offer)
+                archive = self.spool.begin(ckpt_id, offer.to_bytes(), info.name)
             stats = await self.runtime.checkpoint(info.name, archive, leave_running)
             dumped = True
             if ship_image and image_task is None:
@@ -251,8 +266,7 @@ class AgentService:
 
             size = os.path.getsize(archive)
             if direct:
-                # Held here for the destination agent to fetch; its size travels in the signed offer.
-                artifact = Artifact.build([])
+                artifact = Artifact.build([])   # not in the repository: the summary states its size
                 tags = {**tags, DIRECT_TAG: str(size)}
             else:
                 emit("upload", f"uploading {size} bytes to {repo.url}", 0, size)
@@ -264,20 +278,22 @@ class AgentService:
             image = await image_task if image_task is not None else None
             manifest = Manifest(
                 id=ckpt_id, created=now_rfc3339(), host=self.host_name, runtime=self.runtime.name,
-                runtime_version=runtime_version, criu_version=criu, operation_id=op_id,
-                container=ContainerRef(info.id, info.name, info.image, info.image_id, info.labels),
+                runtime_version=runtime_version, criu_version=criu, operation_id=op_id, container=ref,
                 leave_running=leave_running, checkpoint=artifact, image=image, timings=timings,
                 criu_stats=stats.criu, tags=tags, new_bytes=stored.get("new_bytes", 0))
-            if self.signer is not None:
-                manifest = self.signer.sign(manifest)
             if direct:
-                self.spool.put(ckpt_id, archive, manifest.to_bytes(), info.name)
+                self.spool.finish(ckpt_id, image.to_json() if image else None)
             else:
+                if self.signer is not None:
+                    manifest = self.signer.sign(manifest)
                 await asyncio.to_thread(repo.write_manifest, manifest, lock)
             log.info("checkpoint stored", checkpoint=ckpt_id, container=info.name, bytes=size,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return manifest
         except BaseException as exc:
+            if direct:   # a peer following the archive must learn that it is incomplete
+                self.spool.fail(ckpt_id, exc if isinstance(exc, StasisError) else
+                                RuntimeFailure(f"the checkpoint of {info.name} failed on {self.host_name}"))
             if dumped and not leave_running:
                 # No checkpoint was committed: give the user their container back.
                 await self._resume_after_failure(info.name, exc)
@@ -361,10 +377,11 @@ class AgentService:
             raise AlreadyExists(f"a container named {name!r} already exists on {self.host_name}; "
                                 f"restore under another name with --name")
         need_image = not have_image
-        if need_image and manifest.image is None:
+        if need_image and manifest.image is None and receiver is None:
             raise FailedPrecondition(f"image {manifest.container.image} is not on {self.host_name} "
                                      f"and checkpoint {manifest.id} does not ship it")
-        size = _direct_size(manifest) if receiver is not None else manifest.checkpoint.size
+        # A direct transfer's size and image come with its seal; preflight checked the space.
+        size = 0 if receiver is not None else manifest.checkpoint.size
         needed = size + (manifest.image.size if need_image and manifest.image else 0)
         free = shutil.disk_usage(self.work_dir).free
         if free < needed * 1.1:
@@ -377,15 +394,18 @@ class AgentService:
         image_task = None
         try:
             stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
-            if need_image:
+            if need_image and receiver is None:
                 image_task = asyncio.ensure_future(self._load_image(repo, manifest, stage, timings))
             archive = os.path.join(stage, "checkpoint.tar")
             started = time.monotonic()
             if receiver is not None:
-                emit("transfer", f"receiving {size} bytes from {receiver.peer}", 0, size)
+                emit("transfer", f"receiving the archive from {receiver.peer} as it is written", 0, 0)
                 # Hashed as it arrives; the source's signed seal is checked before the runtime runs.
-                await receiver.archive(archive, lambda d: emit("transfer", "", d, size))
+                seal = await receiver.archive(archive, lambda d: emit("transfer", "", d, 0))
                 timings["transfer"] = time.monotonic() - started
+                if need_image:
+                    image_task = asyncio.ensure_future(self._load_image(repo, dataclasses.replace(
+                        manifest, image=_sealed_image(seal, manifest)), stage, timings))
             else:
                 emit("download", f"downloading {size} bytes", 0, size)
                 # Every chunk is hashed before it is written: nothing unverified reaches CRIU or tar.

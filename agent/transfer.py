@@ -11,6 +11,7 @@ archive reaches the runtime.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import grpc
 import structlog
 
 from stasis.agent import failpoints
-from stasis.errors import IntegrityError, NotFound, from_rpc_error
+from stasis.errors import IntegrityError, NotFound, StasisError, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
 from stasis.security.pki import agent_server_name
@@ -33,45 +34,80 @@ from stasis.storage.manifest import Manifest
 
 log = structlog.get_logger("stasis.agent")
 CHUNK = 1 << 20          # bytes per message: well under the 4 MiB message cap
+POLL = 0.01              # seconds between looks at an archive the dump is still writing
 SPOOL_TTL = 3600.0       # seconds an unfetched archive is kept (a migration that never came)
 
 
 class Spool:
-    """Archives held for a peer: SPOOL/ID/checkpoint.tar and SPOOL/ID/offer (the signed manifest)."""
+    """Archives held for a peer: SPOOL/ID/{offer, container, checkpoint.tar}.
+
+    An entry exists from the moment the dump starts: podman writes the archive front to back, and
+    a peer that is already fetching follows it as it grows (the transfer overlaps the dump). The
+    entry's outcome (the image to ship, or the dump's error) is known to this process only.
+    """
 
     def __init__(self, folder: str):
         self.folder = folder
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        self._outcomes: dict[str, asyncio.Future] = {}
+        # Ended entries (fetched, or their dump failed), so a late fetch is answered at once.
+        self._ended: collections.OrderedDict[str, StasisError] = collections.OrderedDict()
+
+    def end(self, ckpt_id: str, why: StasisError) -> None:
+        self._ended[ckpt_id] = why
+        while len(self._ended) > 256:
+            self._ended.popitem(last=False)
 
     def _dir(self, ckpt_id: str) -> str:
         if not ckpt_id.isalnum():
             raise NotFound(f"no checkpoint {ckpt_id!r} held for a direct migration")
         return os.path.join(self.folder, ckpt_id)
 
-    def put(self, ckpt_id: str, archive: str, offer: bytes, container: str) -> None:
+    def begin(self, ckpt_id: str, offer: bytes, container: str) -> str:
+        """Open an entry before the dump; returns where the runtime must write the archive."""
         self.expire()
         folder = self._dir(ckpt_id)
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.replace(archive, os.path.join(folder, "checkpoint.tar"))
         with open(os.path.join(folder, "container"), "w") as f:
             f.write(container)
-        with open(os.path.join(folder, "offer"), "wb") as f:   # last: its presence means complete
+        with open(os.path.join(folder, "offer"), "wb") as f:
             f.write(offer)
+        self._outcomes[ckpt_id] = asyncio.get_running_loop().create_future()
+        return os.path.join(folder, "checkpoint.tar")
 
-    def get(self, ckpt_id: str) -> tuple[str, bytes]:
-        folder = self._dir(ckpt_id)
-        try:
-            with open(os.path.join(folder, "offer"), "rb") as f:
-                offer = f.read()
-        except FileNotFoundError:
-            raise NotFound(f"no checkpoint {ckpt_id} held for a direct migration on this host "
-                           f"(fetched already, or expired)") from None
-        return os.path.join(folder, "checkpoint.tar"), offer
+    def finish(self, ckpt_id: str, image: dict | None) -> None:
+        """The dump is complete; `image` (an artifact's JSON) goes into the seal."""
+        outcome = self._outcomes.get(ckpt_id)
+        if outcome is not None and not outcome.done():
+            outcome.set_result(image)
+
+    def fail(self, ckpt_id: str, error: StasisError) -> None:
+        outcome = self._outcomes.pop(ckpt_id, None)
+        if outcome is not None and not outcome.done():
+            outcome.set_exception(error)
+            outcome.exception()   # retrieved here: nobody may be fetching
+        self.drop(ckpt_id)
+        self.end(ckpt_id, error)
+
+    async def open(self, ckpt_id: str, wait: float = 30.0) -> tuple[str, bytes, asyncio.Future]:
+        """An entry's archive path, offer and outcome; waits a little for a dump about to begin."""
+        deadline = time.monotonic() + wait
+        while ckpt_id not in self._outcomes:
+            if ckpt_id in self._ended:
+                raise self._ended[ckpt_id]
+            if time.monotonic() > deadline:
+                raise NotFound(f"no checkpoint {ckpt_id} held for a direct migration on this host "
+                               f"(fetched already, failed, or expired)")
+            await asyncio.sleep(0.02)
+        with open(os.path.join(self._dir(ckpt_id), "offer"), "rb") as f:
+            offer = f.read()
+        return os.path.join(self._dir(ckpt_id), "checkpoint.tar"), offer, self._outcomes[ckpt_id]
 
     def size(self, ckpt_id: str) -> int:
         return os.path.getsize(os.path.join(self._dir(ckpt_id), "checkpoint.tar"))
 
     def drop(self, ckpt_id: str) -> None:
+        self._outcomes.pop(ckpt_id, None)
         shutil.rmtree(self._dir(ckpt_id), ignore_errors=True)
 
     def drop_container(self, container: str) -> None:
@@ -89,7 +125,7 @@ class Spool:
         for name in os.listdir(self.folder):
             path = os.path.join(self.folder, name)
             if now - os.path.getmtime(path) > ttl:
-                shutil.rmtree(path, ignore_errors=True)
+                self.drop(name)
 
 
 def _canonical(doc: dict) -> bytes:
@@ -97,27 +133,43 @@ def _canonical(doc: dict) -> bytes:
 
 
 async def send(spool: Spool, signer: Signer | None, ckpt_id: str) -> AsyncIterator[pb.TransferChunk]:
-    """The source's side of the stream; the spool entry goes once the whole archive is out."""
-    archive, offer = spool.get(ckpt_id)
+    """The source's side of the stream, from the first byte the dump writes; the spool entry goes
+    once the whole archive is out."""
+    archive, offer, outcome = await spool.open(ckpt_id)
     yield pb.TransferChunk(offer=offer)
     digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
     size = 0
     corrupt = "transfer.corrupt_byte" in failpoints.armed()   # tests: damage in transit
+    while not os.path.exists(archive):   # the runtime has not created it yet
+        if outcome.done():
+            outcome.result()   # raises the dump's error
+            break
+        await asyncio.sleep(POLL)
     with open(archive, "rb") as f:
         while True:
+            # Read before asking whether the dump is done: what was written before it ended is read.
+            finished = outcome.done()
             data = await asyncio.to_thread(f.read, CHUNK)
             if not data:
-                break
+                if finished:
+                    break
+                await asyncio.sleep(POLL)
+                continue
             digest.update(data)
             size += len(data)
             if corrupt and size > len(data):
                 data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
             yield pb.TransferChunk(data=data)
+    image = outcome.result()   # raises the dump's error: the peer must not restore a partial archive
+    if size != spool.size(ckpt_id):
+        raise IntegrityError(f"checkpoint {ckpt_id} changed while it was sent ({size} bytes sent, "
+                             f"{spool.size(ckpt_id)} on disk)")
     seal = {"checkpoint": ckpt_id, "size": size, "blake3": digest.hexdigest(),
-            "offer_sha256": hashlib.sha256(offer).hexdigest()}
+            "offer_sha256": hashlib.sha256(offer).hexdigest(), "image": image}
     body = _canonical(seal)
     yield pb.TransferChunk(seal=_canonical({"seal": seal, "signature": signer.sign_bytes(body) if signer else None}))
     spool.drop(ckpt_id)
+    spool.end(ckpt_id, NotFound(f"checkpoint {ckpt_id} was fetched already; a migration fetches once"))
     log.info("checkpoint sent to peer", checkpoint=ckpt_id, bytes=size)
 
 
@@ -158,7 +210,8 @@ class Receiver:
         self.raw_offer, self.manifest = first.offer, manifest
         return manifest
 
-    async def archive(self, path: str, emit: Callable[[int], None]) -> int:
+    async def archive(self, path: str, emit: Callable[[int], None]) -> dict:
+        """Write the archive to `path`; returns the verified seal (size, image to ship)."""
         digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
         size = 0
         seal = None
@@ -182,10 +235,9 @@ class Receiver:
             await self.channel.close()
         if seal is None:
             raise IntegrityError(f"the transfer from {self.peer} ended without a seal: incomplete")
-        self._check_seal(seal, size, digest.hexdigest())
-        return size
+        return self._check_seal(seal, size, digest.hexdigest())
 
-    def _check_seal(self, raw: bytes, size: int, blake: str) -> None:
+    def _check_seal(self, raw: bytes, size: int, blake: str) -> dict:
         assert self.manifest is not None
         where = f"transfer of checkpoint {self.ckpt_id} from {self.peer}"
         try:
@@ -203,3 +255,4 @@ class Receiver:
             if seal.get(key) != value:
                 raise IntegrityError(f"{where}: {key} differs from what the source sealed "
                                      f"(damaged in transit); refusing to restore")
+        return seal

@@ -90,9 +90,11 @@ class AgentClient:
         return await self._call(self.stub.InspectContainer, pb.InspectContainerRequest(name=name))
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repository: str,
-                         on_progress, tags: dict[str, str] | None = None, direct: bool = False) -> pb.CheckpointSummary:
+                         on_progress, tags: dict[str, str] | None = None, direct: bool = False,
+                         checkpoint_id: str = "") -> pb.CheckpointSummary:
         req = pb.AgentCheckpointRequest(operation_id=op_id, container=container, leave_running=leave_running,
-                                        repository=repository, tags=tags or {}, direct=direct)
+                                        repository=repository, tags=tags or {}, direct=direct,
+                                        checkpoint_id=checkpoint_id)
         return (await self._stream(self.stub.Checkpoint, req, on_progress)).checkpoint
 
     async def restore(self, op_id: str, checkpoint_id: str, repository: str, name: str,

@@ -14,12 +14,14 @@ without undoing the migration.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
 import structlog
 
 from stasis.controller.agents import AgentClient
+from stasis.storage.repository import new_checkpoint_id
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, StasisError
 from stasis.security import tickets
@@ -93,38 +95,11 @@ class Migration:
         # A recovered job whose restore had begun: the destination may hold our container already.
         resumed_restore = self.restore_started = recovering and job.result.get("restore_started") == "true"
         try:
-            direct = self.transfer == "direct"
             job.result["transfer"] = self.transfer
-            if recovering and job.row.phase != "checkpoint" and job.result.get("checkpoint_id"):
-                summary = pb.CheckpointSummary(id=job.result["checkpoint_id"])   # the dump is done
+            if self.transfer == "direct":
+                restored = await self._direct(job, resumed_restore)
             else:
-                async with self.jobs.phase(job, "checkpoint"):
-                    summary = await self.source.checkpoint(job.id, self.container, False,
-                                                           self.service.repository.url,
-                                                           lambda p: job.publish(p), direct=direct)
-                if not direct:
-                    self.service.record(summary)
-                job.result["checkpoint_id"] = summary.id
-                for t in summary.timings:
-                    job.timings[f"source.{t.name}"] = round(t.seconds, 4)
-            self.restore_started = True
-            job.result["restore_started"] = "true"   # saved with the phase: a recovery must know
-            async with self.jobs.phase(job, "restore"):
-                peer, ticket = None, b""
-                if direct:
-                    peer = self.source
-                    ticket = tickets.mint(self.service.transport, job.id, summary.id, self.source.name,
-                                          self.destination.name)
-                try:
-                    restored = await self.destination.restore(job.id, summary.id, self.service.repository.url,
-                                                              self.container, lambda p: job.publish(p), peer,
-                                                              ticket)
-                except AlreadyExists:
-                    if not resumed_restore:
-                        raise
-                    # The destination forgot our first call (its agent restarted) but the container
-                    # it restored then is there: preflight proved the name was free before.
-                    restored = pb.RestoreResult()
+                restored = await self._via_repository(job, recovering, resumed_restore)
             if not recovering:
                 job.row.downtime = round(time.monotonic() - frozen_at, 4)
             for t in restored.timings:
@@ -165,6 +140,56 @@ class Migration:
             except StasisError as exc:
                 job.result["cleanup"] = f"failed: {exc.message}"
                 log.warning("source clean-up failed after commit", job=job.id, error=exc.message)
+
+    async def _direct(self, job: "Job", resumed_restore: bool) -> pb.RestoreResult:
+        """Dump on the source while the destination fetches the archive as it is written."""
+        # The id is chosen here, so the ticket can name it before the dump begins.
+        ckpt_id = job.result.get("checkpoint_id") or new_checkpoint_id()
+        job.result["checkpoint_id"] = ckpt_id
+        ticket = tickets.mint(self.service.transport, job.id, ckpt_id, self.source.name, self.destination.name)
+        self.restore_started = True
+        job.result["restore_started"] = "true"   # saved with the phase: a recovery must know
+        fetch = asyncio.ensure_future(self._restore(job, ckpt_id, self.source, ticket, resumed_restore))
+        try:
+            async with self.jobs.phase(job, "checkpoint"):
+                summary = await self.source.checkpoint(job.id, self.container, False, self.service.repository.url,
+                                                       lambda p: job.publish(p), direct=True, checkpoint_id=ckpt_id)
+        except BaseException:
+            # The destination cannot restore a dump that failed (no seal); let its call end first.
+            await asyncio.gather(fetch, return_exceptions=True)
+            raise
+        for t in summary.timings:
+            job.timings[f"source.{t.name}"] = round(t.seconds, 4)
+        async with self.jobs.phase(job, "restore"):
+            return await fetch
+
+    async def _via_repository(self, job: "Job", recovering: bool, resumed_restore: bool) -> pb.RestoreResult:
+        if recovering and job.row.phase != "checkpoint" and job.result.get("checkpoint_id"):
+            ckpt_id = job.result["checkpoint_id"]   # the checkpoint is committed
+        else:
+            async with self.jobs.phase(job, "checkpoint"):
+                summary = await self.source.checkpoint(job.id, self.container, False, self.service.repository.url,
+                                                       lambda p: job.publish(p))
+            self.service.record(summary)
+            ckpt_id = job.result["checkpoint_id"] = summary.id
+            for t in summary.timings:
+                job.timings[f"source.{t.name}"] = round(t.seconds, 4)
+        self.restore_started = True
+        job.result["restore_started"] = "true"
+        async with self.jobs.phase(job, "restore"):
+            return await self._restore(job, ckpt_id, None, b"", resumed_restore)
+
+    async def _restore(self, job: "Job", ckpt_id: str, peer: AgentClient | None, ticket: bytes,
+                       resumed_restore: bool) -> pb.RestoreResult:
+        try:
+            return await self.destination.restore(job.id, ckpt_id, self.service.repository.url, self.container,
+                                                  lambda p: job.publish(p), peer, ticket)
+        except AlreadyExists:
+            if not resumed_restore:
+                raise
+            # The destination forgot our first call (its agent restarted) but the container it
+            # restored then is there: preflight proved the name was free before.
+            return pb.RestoreResult()
 
     async def preflight(self) -> None:
         """Refuse before anything is frozen: every reason here leaves the source untouched."""

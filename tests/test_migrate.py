@@ -28,6 +28,12 @@ class FakeAgent:
         self.containers = dict(containers or {})
         self.fail = set(fail or ())
         self.calls: list[str] = []
+        self.dumped: asyncio.Future | None = None   # a direct transfer's seal: the dump's outcome
+
+    def _outcome(self) -> asyncio.Future:
+        if self.dumped is None:
+            self.dumped = asyncio.get_running_loop().create_future()
+        return self.dumped
 
     def _maybe_fail(self, what: str):
         self.calls.append(what)
@@ -50,16 +56,27 @@ class FakeAgent:
             raise NotFound(f"no container {name!r} on {self.name}")
         return pb.Container(id="id-" + name, name=name, state=self.containers[name])
 
-    async def checkpoint(self, op_id, container, leave_running, repository, on_progress, direct=False):
+    async def checkpoint(self, op_id, container, leave_running, repository, on_progress, direct=False,
+                         checkpoint_id=""):
         self.direct = direct
-        self._maybe_fail("checkpoint")
+        await asyncio.sleep(0.01)   # the destination's fetch begins meanwhile
+        try:
+            self._maybe_fail("checkpoint")
+        except RuntimeFailure as exc:
+            if not self._outcome().done():
+                self._outcome().set_exception(exc)
+            raise
         on_progress(pb.Progress(phase="dump"))
         self.containers[container] = "exited"
-        return pb.CheckpointSummary(id="0123456789abcdef", host=self.name, container_name=container,
+        if not self._outcome().done():
+            self._outcome().set_result(True)
+        return pb.CheckpointSummary(id=checkpoint_id or "0123456789abcdef", host=self.name, container_name=container,
                                     timings=[pb.PhaseTiming(name="frozen", seconds=0.5)])
 
     async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b""):
         self.peer = peer
+        if peer is not None:   # like the real thing: nothing is restored without the source's seal
+            await peer._outcome()
         self._maybe_fail("restore")
         self.containers[name] = "running"
         return pb.RestoreResult(container=pb.Container(name=name, state="running"))
@@ -96,7 +113,8 @@ async def test_success_runs_every_phase_in_order(service):
     assert phases == ["preflight", "checkpoint", "restore", "verify", "commit", "cleanup"]
     assert job.row.downtime > 0
     assert "web" not in src.containers and dst.containers["web"] == "running"
-    assert job.result["checkpoint_id"] == "0123456789abcdef" and job.result["cleanup"] == "done"
+    assert len(job.result["checkpoint_id"]) == 16 and job.result["cleanup"] == "done"
+    assert src.direct and dst.peer is src and job.result["transfer"] == "direct"
     assert job.timings["source.frozen"] == 0.5
     assert job.result["pre_copy"].startswith("impossible: a's kernel does not track soft-dirty pages")
     assert service.store.job(job.id).state == "succeeded"   # persisted
@@ -112,11 +130,19 @@ async def test_restore_failure_rolls_back_to_running_source(service):
     assert sum(s == "running" for s in (*src.containers.values(), *dst.containers.values())) == 1
 
 
-async def test_checkpoint_failure_never_touches_destination(service):
+async def test_checkpoint_failure_never_restores_on_the_destination(service):
     src, dst = FakeAgent("a", containers={"web": "running"}, fail={"checkpoint"}), FakeAgent("b")
     job = await migrate(service, src, dst)
     assert job.row.state == "rolled_back"
-    assert "remove" not in dst.calls and "restore" not in dst.calls
+    assert "web" not in dst.containers and src.containers["web"] == "running"
+
+
+async def test_via_repository_restores_only_after_the_checkpoint(service):
+    src, dst = FakeAgent("a", containers={"web": "running"}), FakeAgent("b")
+    job = service.jobs.start("migrate", {}, "", Migration(service, src, dst, "web", "repository").run)
+    await job.done.wait()
+    assert job.row.state == "succeeded" and not src.direct and dst.peer is None
+    assert job.result["transfer"] == "repository"
 
 
 @pytest.mark.parametrize("src_criu,dst_criu,dst_containers,problem", [

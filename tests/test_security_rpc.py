@@ -222,8 +222,9 @@ def test_a_peer_agent_fetches_a_held_checkpoint_once_and_only_with_its_ticket(st
 
     ctl = stack.agent_stub(stack.ca.bundle_path("controller", "controller"))
     events = list(ctl.Checkpoint(pb.AgentCheckpointRequest(operation_id="direct-1", container="web",
-                                                           leave_running=True, direct=True), timeout=60))
+                                                           direct=True), timeout=60))
     summary = events[-1].checkpoint
+    stack.runtime.containers["web"].state = "running"   # the dump stopped it; later tests need it
     assert summary.size_bytes > 100_000
     controller = Transport(stack.ca.bundle_path("controller", "controller"))
     ticket = mint(controller, "job-1", summary.id, "host-a", "host-b")
