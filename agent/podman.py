@@ -55,10 +55,13 @@ class PodmanRuntime(Runtime):
             image_id=c.get("Image", ""), state=(c.get("State") or {}).get("Status", ""),
             created=c.get("Created", ""), labels=(c.get("Config") or {}).get("Labels") or {})
 
-    async def checkpoint(self, name: str, archive: str, leave_running: bool) -> DumpStats:
+    async def checkpoint(self, name: str, archive: str, leave_running: bool,
+                         ignore_volumes: bool = False) -> DumpStats:
         check_name(name)
         args = ["container", "checkpoint", name, "--export", archive, "--compress", "none",
                 "--print-stats", *CARRY]
+        if ignore_volumes:
+            args.append("--ignore-volumes")
         if leave_running:
             args.append("--leave-running")
         started = time.monotonic()
@@ -69,12 +72,15 @@ class PodmanRuntime(Runtime):
         stats = _first_container_stats(out.stdout)
         return DumpStats(seconds, {k: int(v) for k, v in (stats.get("criu_statistics") or {}).items()})
 
-    async def restore(self, archive: str, name: str, renamed: bool = True) -> RestoreStats:
+    async def restore(self, archive: str, name: str, renamed: bool = True,
+                      ignore_volumes: bool = False) -> RestoreStats:
         check_name(name)
         started = time.monotonic()
         # podman restores established TCP connections only into a container of the same name (a
         # renamed copy runs beside the original, whose connections those are).
         args = ["--name", name, "--file-locks"] if renamed else list(CARRY)
+        if ignore_volumes:
+            args.append("--ignore-volumes")
         out = await self._podman("container", "restore", "--import", archive, "--print-stats", *args,
                                  timeout=DUMP_TIMEOUT, check=False)
         seconds = time.monotonic() - started

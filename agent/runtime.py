@@ -59,12 +59,15 @@ class Runtime(abc.ABC):
         """Raises NotFound for an unknown container."""
 
     @abc.abstractmethod
-    async def checkpoint(self, name: str, archive: str, leave_running: bool) -> DumpStats:
+    async def checkpoint(self, name: str, archive: str, leave_running: bool,
+                         ignore_volumes: bool = False) -> DumpStats:
         """Dump the container with CRIU into a self-contained archive (memory, files, config)."""
 
     @abc.abstractmethod
-    async def restore(self, archive: str, name: str, renamed: bool = True) -> RestoreStats:
-        """`renamed`: `name` differs from the checkpointed container's (a copy, not a move)."""
+    async def restore(self, archive: str, name: str, renamed: bool = True,
+                      ignore_volumes: bool = False) -> RestoreStats:
+        """`renamed`: `name` differs from the checkpointed container's (a copy, not a move).
+        `ignore_volumes`: the archive left named volumes out; use the ones this host has."""
 
     @abc.abstractmethod
     async def resume(self, name: str) -> None:

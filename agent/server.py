@@ -70,7 +70,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         queue: asyncio.Queue = asyncio.Queue()
         work = self.service.checkpoint(request.operation_id, request.container, request.leave_running,
                                        request.repository, request.checkpoint_id, _emitter(queue),
-                                       dict(request.tags), request.direct)
+                                       dict(request.tags), request.direct, request.ignore_volumes)
         async for item in _stream(work, queue):
             if isinstance(item, pb.AgentEvent):
                 yield item
@@ -84,7 +84,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         queue: asyncio.Queue = asyncio.Queue()
         peer = Peer(request.peer_host, request.peer_address, request.ticket) if request.peer_host else None
         work = self.service.restore(request.operation_id, request.checkpoint_id, request.repository,
-                                    request.name, _emitter(queue), peer)
+                                    request.name, _emitter(queue), peer, request.ignore_volumes)
         async for item in _stream(work, queue):
             yield item if isinstance(item, pb.AgentEvent) else pb.AgentEvent(restored=pb.RestoreResult(
                 container=convert.container_pb(item.container, self.service.host_name),

@@ -208,13 +208,14 @@ class AgentService:
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
                          checkpoint_id: str, emit: Emit, tags: dict[str, str] | None = None,
-                         direct: bool = False) -> Manifest:
+                         direct: bool = False, ignore_volumes: bool = False) -> Manifest:
         return await self._once(op_id, lambda: self._checkpoint(
             op_id, container, leave_running, repo_url, checkpoint_id or new_checkpoint_id(), emit, tags or {},
-            direct))
+            direct, ignore_volumes))
 
     async def _checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
-                          ckpt_id: str, emit: Emit, tags: dict[str, str], direct: bool = False) -> Manifest:
+                          ckpt_id: str, emit: Emit, tags: dict[str, str], direct: bool = False,
+                          ignore_volumes: bool = False) -> Manifest:
         info = await self.inspect(container)
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
@@ -254,7 +255,7 @@ class AgentService:
                 if self.signer is not None:
                     offer = self.signer.sign(offer)
                 archive = self.spool.begin(ckpt_id, offer.to_bytes(), info.name)
-            stats = await self.runtime.checkpoint(info.name, archive, leave_running)
+            stats = await self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes)
             dumped = True
             if ship_image and image_task is None:
                 image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))
@@ -330,8 +331,9 @@ class AgentService:
     # ------------------------------------------------------------------ restore
 
     async def restore(self, op_id: str, checkpoint_id: str, repo_url: str, name: str,
-                      emit: Emit, peer: Peer | None = None) -> RestoreOutcome:
-        return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit, peer))
+                      emit: Emit, peer: Peer | None = None, ignore_volumes: bool = False) -> RestoreOutcome:
+        return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit, peer,
+                                                              ignore_volumes))
 
     async def fetch(self, checkpoint_id: str, ticket: bytes):
         """Serve a held checkpoint to the peer agent the controller's ticket names."""
@@ -344,7 +346,7 @@ class AgentService:
             yield chunk
 
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit,
-                       peer: Peer | None = None) -> RestoreOutcome:
+                       peer: Peer | None = None, ignore_volumes: bool = False) -> RestoreOutcome:
         repo = await self._open(repo_url)
         receiver = None
         try:
@@ -361,13 +363,13 @@ class AgentService:
                     signer = self.verifier.verify(manifest)
                     log.info("checkpoint provenance verified", checkpoint=manifest.id,
                              signer=signer.principal if signer else "unsigned (allowed)")
-            return await self._restore_manifest(repo, manifest, name, emit, receiver)
+            return await self._restore_manifest(repo, manifest, name, emit, receiver, ignore_volumes)
         finally:
             if receiver is not None:
                 await receiver.channel.close()
 
     async def _restore_manifest(self, repo: Repository, manifest: Manifest, name: str, emit: Emit,
-                                receiver: "transfer.Receiver | None") -> RestoreOutcome:
+                                receiver: "transfer.Receiver | None", ignore_volumes: bool = False) -> RestoreOutcome:
         if manifest.runtime != self.runtime.name:
             raise FailedPrecondition(f"checkpoint {manifest.id} was taken with {manifest.runtime}; "
                                      f"this host runs {self.runtime.name}")
@@ -416,7 +418,8 @@ class AgentService:
                 await image_task
             failpoints.hit("restore.before_runtime")
             emit("restore", f"restoring {name} with CRIU", 0, 0)
-            stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name)
+            stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
+                                               ignore_volumes=ignore_volumes)
             timings["restore"] = stats.seconds
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:

@@ -212,7 +212,8 @@ def cmd_migrate(args, client: Client) -> int:
     host, name = split_target(args.target)
     transfer = "repository" if args.via_repository else "direct"
     job = client.stream("Migrate", pb.MigrateRequest(
-        request_id=args.request_id or "", host=host, container=name, to=args.to, transfer=transfer),
+        request_id=args.request_id or "", host=host, container=name, to=args.to, transfer=transfer,
+        ignore_volumes=args.ignore_volumes),
         Progress(args.json))
 
     def ok(j: pb.Job) -> None:
@@ -743,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--via-repository", action="store_true",
                    help="move the checkpoint through the repository, which keeps it as a backup (slower); "
                         "default: straight from agent to agent over mutual TLS")
+    p.add_argument("--ignore-volumes", action="store_true",
+                   help="leave named volumes behind: both hosts mount the same shared storage under the same "
+                        "volume names (default: their contents travel with the container)")
     p.add_argument("--request-id", help="idempotency key")
 
     p = add("job", "show a job (checkpoint, restore, migrate) with its phases and timings", cmd_job)

@@ -43,7 +43,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 class Migration:
     def __init__(self, service: "ControllerService", source: AgentClient, destination: AgentClient,
-                 container: str, transfer: str = "direct"):
+                 container: str, transfer: str = "direct", ignore_volumes: bool = False):
         self.service = service
         self.jobs = service.jobs
         self.source = source
@@ -52,6 +52,8 @@ class Migration:
         # direct: the destination fetches the archive from the source (one hop, no backup left);
         # repository: through the repository, which keeps the checkpoint as a backup.
         self.transfer = transfer
+        # Named volumes stay behind: both hosts mount the same shared storage under the same names.
+        self.ignore_volumes = ignore_volumes
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
@@ -153,7 +155,8 @@ class Migration:
         try:
             async with self.jobs.phase(job, "checkpoint"):
                 summary = await self.source.checkpoint(job.id, self.container, False, self.service.repository.url,
-                                                       lambda p: job.publish(p), direct=True, checkpoint_id=ckpt_id)
+                                                       lambda p: job.publish(p), direct=True, checkpoint_id=ckpt_id,
+                                                       ignore_volumes=self.ignore_volumes)
         except BaseException:
             # The destination cannot restore a dump that failed (no seal); let its call end first.
             await asyncio.gather(fetch, return_exceptions=True)
@@ -169,7 +172,7 @@ class Migration:
         else:
             async with self.jobs.phase(job, "checkpoint"):
                 summary = await self.source.checkpoint(job.id, self.container, False, self.service.repository.url,
-                                                       lambda p: job.publish(p))
+                                                       lambda p: job.publish(p), ignore_volumes=self.ignore_volumes)
             self.service.record(summary)
             ckpt_id = job.result["checkpoint_id"] = summary.id
             for t in summary.timings:
@@ -183,7 +186,7 @@ class Migration:
                        resumed_restore: bool) -> pb.RestoreResult:
         try:
             return await self.destination.restore(job.id, ckpt_id, self.service.repository.url, self.container,
-                                                  lambda p: job.publish(p), peer, ticket)
+                                                  lambda p: job.publish(p), peer, ticket, self.ignore_volumes)
         except AlreadyExists:
             if not resumed_restore:
                 raise

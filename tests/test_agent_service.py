@@ -37,7 +37,7 @@ class FakeRuntime(Runtime):
             raise NotFound(f"no container {name!r}")
         return self.containers[name]
 
-    async def checkpoint(self, name, archive, leave_running):
+    async def checkpoint(self, name, archive, leave_running, ignore_volumes=False):
         self.calls.append("checkpoint")
         await asyncio.sleep(0.01)
         with open(archive, "wb") as f:
@@ -46,7 +46,7 @@ class FakeRuntime(Runtime):
             self.containers[name].state = "exited"
         return DumpStats(0.01, {"frozen_time": 5000})
 
-    async def restore(self, archive, name, renamed=True):
+    async def restore(self, archive, name, renamed=True, ignore_volumes=False):
         self.calls.append("restore")
         self.archives[name] = open(archive, "rb").read()
         self.containers[name] = ContainerInfo("new-" + name, name, "localhost/x:1", IMAGE_ID, "running")

@@ -57,7 +57,7 @@ class FakeAgent:
         return pb.Container(id="id-" + name, name=name, state=self.containers[name])
 
     async def checkpoint(self, op_id, container, leave_running, repository, on_progress, direct=False,
-                         checkpoint_id=""):
+                         checkpoint_id="", ignore_volumes=False):
         self.direct = direct
         await asyncio.sleep(0.01)   # the destination's fetch begins meanwhile
         try:
@@ -73,7 +73,8 @@ class FakeAgent:
         return pb.CheckpointSummary(id=checkpoint_id or "0123456789abcdef", host=self.name, container_name=container,
                                     timings=[pb.PhaseTiming(name="frozen", seconds=0.5)])
 
-    async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b""):
+    async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b"",
+                      ignore_volumes=False):
         self.peer = peer
         if peer is not None:   # like the real thing: nothing is restored without the source's seal
             await peer._outcome()
@@ -230,7 +231,8 @@ async def test_restart_fails_unfinished_jobs_but_keeps_migrations_for_recovery(t
 class Remembering(FakeAgent):
     """An agent whose restarted process forgot the controller's first restore call."""
 
-    async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b""):
+    async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b"",
+                      ignore_volumes=False):
         from stasis.errors import AlreadyExists
 
         self.calls.append("restore")
@@ -320,7 +322,8 @@ async def test_name_taken_at_restore_time_is_not_removed(service):
     from stasis.errors import AlreadyExists
 
     class Racing(FakeAgent):
-        async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b""):
+        async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b"",
+                          ignore_volumes=False):
             self.containers[name] = "running"   # someone else's container appeared after preflight
             raise AlreadyExists(f"a container named {name!r} already exists")
 

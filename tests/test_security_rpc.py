@@ -272,9 +272,9 @@ def test_rotation_keeps_live_calls_and_new_connections_get_the_new_certificate(s
     before = presented_serial(stack.agent_port, agent_server_name("host-a"), ctl_bundle)
     original = stack.runtime.checkpoint
 
-    async def slow_checkpoint(name, archive, leave_running):
+    async def slow_checkpoint(name, archive, leave_running, ignore_volumes=False):
         await asyncio.sleep(1.5)
-        return await original(name, archive, leave_running)
+        return await original(name, archive, leave_running, ignore_volumes)
 
     stack.runtime.checkpoint = slow_checkpoint
     try:

@@ -216,7 +216,7 @@ class InspectContainerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AgentCheckpointRequest(_message.Message):
-    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id", "tags", "direct")
+    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id", "tags", "direct", "ignore_volumes")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class AgentCheckpointRequest(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     DIRECT_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_VOLUMES_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     container: str
     leave_running: bool
@@ -238,10 +239,11 @@ class AgentCheckpointRequest(_message.Message):
     checkpoint_id: str
     tags: _containers.ScalarMap[str, str]
     direct: bool
-    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., direct: _Optional[bool] = ...) -> None: ...
+    ignore_volumes: bool
+    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., direct: _Optional[bool] = ..., ignore_volumes: _Optional[bool] = ...) -> None: ...
 
 class AgentRestoreRequest(_message.Message):
-    __slots__ = ("operation_id", "checkpoint_id", "repository", "name", "peer_host", "peer_address", "ticket")
+    __slots__ = ("operation_id", "checkpoint_id", "repository", "name", "peer_host", "peer_address", "ticket", "ignore_volumes")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +251,7 @@ class AgentRestoreRequest(_message.Message):
     PEER_HOST_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_VOLUMES_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     checkpoint_id: str
     repository: str
@@ -256,7 +259,8 @@ class AgentRestoreRequest(_message.Message):
     peer_host: str
     peer_address: str
     ticket: bytes
-    def __init__(self, operation_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., repository: _Optional[str] = ..., name: _Optional[str] = ..., peer_host: _Optional[str] = ..., peer_address: _Optional[str] = ..., ticket: _Optional[bytes] = ...) -> None: ...
+    ignore_volumes: bool
+    def __init__(self, operation_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., repository: _Optional[str] = ..., name: _Optional[str] = ..., peer_host: _Optional[str] = ..., peer_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ignore_volumes: _Optional[bool] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("progress", "checkpoint", "restored")
@@ -588,18 +592,20 @@ class RestoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., host: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("request_id", "host", "container", "to", "transfer")
+    __slots__ = ("request_id", "host", "container", "to", "transfer", "ignore_volumes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_VOLUMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     host: str
     container: str
     to: str
     transfer: str
-    def __init__(self, request_id: _Optional[str] = ..., host: _Optional[str] = ..., container: _Optional[str] = ..., to: _Optional[str] = ..., transfer: _Optional[str] = ...) -> None: ...
+    ignore_volumes: bool
+    def __init__(self, request_id: _Optional[str] = ..., host: _Optional[str] = ..., container: _Optional[str] = ..., to: _Optional[str] = ..., transfer: _Optional[str] = ..., ignore_volumes: _Optional[bool] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("container", "host", "schedule")
