@@ -21,7 +21,6 @@ from stasis.security.revocation import DenyList, parse_target
 from stasis.security.tls import Transport, is_loopback, read_bundle
 from stasis.storage.manifest import Artifact, ContainerRef, Manifest
 
-NOW = dt.datetime.now(dt.timezone.utc)
 
 
 @pytest.fixture
@@ -129,7 +128,8 @@ def test_a_damaged_saved_deny_list_fails_closed(tmp_path):
 
 def manifest(host="host-a", created=None) -> Manifest:
     art = Artifact.build([(bytes([i]) * 32, 4096) for i in range(3)])
-    return Manifest(id="0123456789abcdef", created=created or NOW.isoformat(timespec="milliseconds"), host=host,
+    now = dt.datetime.now(dt.timezone.utc)   # not import time: the suite may reach this test much later
+    return Manifest(id="0123456789abcdef", created=created or now.isoformat(timespec="milliseconds"), host=host,
                     runtime="podman", runtime_version="4.3.1", criu_version="4.1.1",
                     container=ContainerRef("c" * 64, "web", "localhost/x:1", "a" * 64, {"app": "web"}),
                     leave_running=False, checkpoint=art, image=None, timings={"dump": 0.5, "upload": 1.25},
