@@ -30,27 +30,21 @@ async def criu_version(criu: str = "criu") -> str:
 
 async def cpuinfo_dump(work_dir: str, criu: str = "criu") -> bytes:
     """CRIU's description of this CPU (`criu cpuinfo dump`), for another host to check against."""
-    folder = tempfile.mkdtemp(prefix="cpuinfo-", dir=work_dir)
-    try:
+    with tempfile.TemporaryDirectory(prefix="cpuinfo-", dir=work_dir) as folder:
         out = await run([criu, "cpuinfo", "dump", "-D", folder], timeout=20, check=False)
         if out.returncode != 0:
             raise RuntimeFailure(f"criu cpuinfo dump failed: {tail(out.stderr)}")
         with open(os.path.join(folder, "cpuinfo.img"), "rb") as f:
             return f.read()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def cpuinfo_check(image: bytes, work_dir: str, criu: str = "criu") -> str:
     """Why processes dumped on the CPU `image` describes cannot run here, or "" when they can."""
-    folder = tempfile.mkdtemp(prefix="cpuinfo-", dir=work_dir)
-    try:
+    with tempfile.TemporaryDirectory(prefix="cpuinfo-", dir=work_dir) as folder:
         with open(os.path.join(folder, "cpuinfo.img"), "wb") as f:
             f.write(image)
         out = await run([criu, "cpuinfo", "check", "-D", folder], timeout=20, check=False)
         return "" if out.returncode == 0 else (tail(out.stderr) or tail(out.stdout) or "incompatible CPU")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def criu_feature(name: str, criu: str = "criu") -> bool:

@@ -18,14 +18,13 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from stasis.agent import failpoints
+from stasis.agent import failpoints, transfer
 from stasis.agent.podman import check_name
 from stasis.agent.probe import cpuinfo_check, cpuinfo_dump, criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
+from stasis.agent.transfer import Spool
 from stasis.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                            PermissionDenied, RuntimeFailure, StasisError)
-from stasis.agent import transfer
-from stasis.agent.transfer import Spool
 from stasis.security.authz import CALLER
 from stasis.security.provenance import Signer, Verifier
 from stasis.security.revocation import DenyList
@@ -40,7 +39,8 @@ log = structlog.get_logger("stasis.agent")
 Emit = Callable[[str, str, int, int], None]
 
 
-DIRECT_TAG = "direct_archive_bytes"   # the tag a direct checkpoint's offer carries its archive size in
+# A direct checkpoint is not in the repository: its summary states the archive's size in this tag.
+DIRECT_TAG = "direct_archive_bytes"
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Direct migration: checkpoints move from the source agent to the destination agent over one
 mutually authenticated gRPC stream, without the repository round trip.
 
-The source keeps the dumped archive in its spool; the destination fetches it with a ticket the
-controller signed. The stream is: an offer (the checkpoint's manifest, signed by the source like
-any manifest), the archive's bytes, and a seal the source signs over the archive's size and BLAKE3
-hash. The destination verifies the offer before it acts on it and the seal before a byte of the
-archive reaches the runtime.
+The source writes the archive into its spool; the destination, holding a ticket the controller
+signed, fetches it while it is still being written. The stream is: an offer (the checkpoint's
+manifest, signed by the source like any manifest), the archive's bytes, and a seal the source signs
+at the end over the archive's size, BLAKE3 hash and the image to load. The destination verifies
+the offer before it acts on it and the seal before a byte of the archive reaches the runtime.
 """
 
 from __future__ import annotations

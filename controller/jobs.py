@@ -86,17 +86,15 @@ class JobManager:
         found = self.existing(request_id, kind, params)
         if found is not None:
             return found
-        job = Job(self.store.create_job(request_id or uuid.uuid4().hex[:12], kind, params))
-        self.live[job.id] = job
-        task = asyncio.ensure_future(self._run(job, work))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return job
+        return self._launch(Job(self.store.create_job(request_id or uuid.uuid4().hex[:12], kind, params)), work)
 
     def resume(self, row: JobRow, work: Callable[[Job], Awaitable[None]]) -> Job:
         """Run `work` on an existing (interrupted) job."""
         job = Job(row)
         job.done.clear()
+        return self._launch(job, work)
+
+    def _launch(self, job: Job, work: Callable[[Job], Awaitable[None]]) -> Job:
         self.live[job.id] = job
         task = asyncio.ensure_future(self._run(job, work))
         self._tasks.add(task)

@@ -40,7 +40,6 @@ SHAPES: dict[str, tuple[re.Pattern, str]] = {
     "selector": (SELECTOR, "[HOST/]CONTAINER"),
     "schedule": (SCHEDULE, "a schedule name"),
     "target": (TARGET, "KIND:NAME or a certificate serial"),
-    "user": (re.compile(r"^[A-Za-z0-9_.@:-]{1,80}$"), "a principal such as user:alice"),
     "InspectContainerRequest.name": (CONTAINER, "a container name or id"),
     "ResumeRequest.name": (CONTAINER, "a container name or id"),
     "RemoveContainerRequest.name": (CONTAINER, "a container name or id"),
