@@ -87,6 +87,13 @@ mkdir -p /etc/criu
 grep -qs '^action-script /usr/local/lib/stasis/criu-lo-up$' /etc/criu/runc.conf || \
     printf '# stasis: bring lo up in restored network namespaces\naction-script /usr/local/lib/stasis/criu-lo-up\n' \
         >> /etc/criu/runc.conf
+# Post-copy: CRIU's page servers started through runc listen on loopback only (the agents relay
+# the pages over mutual TLS), and lazy restore needs pipes of 4 MiB ("page-pipe: splice: Bad file
+# descriptor" below that).
+grep -qs '^address 127.0.0.1$' /etc/criu/runc.conf || \
+    printf '# stasis: page servers (post-copy) on loopback only\naddress 127.0.0.1\n' >> /etc/criu/runc.conf
+[ "$(sysctl -n fs.pipe-max-size)" -ge 4194304 ] || sysctl -q -w fs.pipe-max-size=8388608
+mkdir -p /etc/sysctl.d && echo "fs.pipe-max-size = 8388608" > /etc/sysctl.d/60-stasis.conf
 # podman and runc look up criu on PATH; /usr/sbin/criu (Debian's broken 3.17) must never win.
 [ -e /usr/sbin/criu ] && [ ! -L /usr/sbin/criu ] && mv /usr/sbin/criu /usr/sbin/criu.debian-3.17
 ln -sf "$CRIU_BIN" /usr/sbin/criu
@@ -100,7 +107,13 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 [engine]
 cgroup_manager = "cgroupfs"
 runtime = "runc"
-events_logger = "file"'
+events_logger = "file"
+[engine.runtimes]
+runc = ["/usr/local/lib/stasis/runc"]'
+# podman's runc is our wrapper (scripts/runc-postcopy.sh): runc itself, plus lazy pages for the
+# containers the agent migrates with --post-copy (podman 4.3 has no such options).
+install -D -m 0755 /dev/null /usr/local/lib/stasis/runc
+sed "s|@RUNC@|$(command -v runc)|" "$ROOT/scripts/runc-postcopy.sh" > /usr/local/lib/stasis/runc
 if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
     [ -e "$conf" ] && [ ! -e "$conf.before-stasis" ] && cp "$conf" "$conf.before-stasis"
     mkdir -p /etc/containers
@@ -118,4 +131,6 @@ if [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     "$VENV/bin/pip" install -q -e "$ROOT[dev]"
     touch "$stamp"
 fi
+# Forensics: compile CRIU's image definitions (kept above) with the venv's grpcio-tools.
+bash "$ROOT/scripts/criu-images.sh"
 say "ready: criu $("$CRIU_BIN" --version | awk '/Version/ {print $2}'), $(podman --version), weed $("$VENV/bin/weed" version 2>/dev/null | awk '{print $3; exit}')"
