@@ -164,7 +164,7 @@ class DockerRuntime(Runtime):
     # ------------------------------------------------------------------ restore
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
-                      ignore_volumes: bool = False) -> RestoreStats:
+                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "") -> RestoreStats:
         api = self._api()
         check_name(name)
         stage = archive + ".d"

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
 import time
 from datetime import datetime, timezone
+from typing import Awaitable, Callable
 
+import structlog
+
+from stasis.agent import podman_archive
 from stasis.agent.process import run, tail
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
-from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeFailure
+from stasis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimeFailure
+
+log = structlog.get_logger("stasis.agent")
+# Post-copy requests for the runc wrapper (scripts/runc-postcopy.sh reads the same folder).
+LAZY_REQUESTS = "/run/stasis/lazy"
 
 # What a migration must carry besides memory and files, as podman's own export can: established TCP
 # connections (the container's own network namespace moves with it) and file locks. Harmless when
@@ -73,8 +85,20 @@ class PodmanRuntime(Runtime):
         return DumpStats(seconds, {k: int(v) for k, v in (stats.get("criu_statistics") or {}).items()})
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
-                      ignore_volumes: bool = False) -> RestoreStats:
+                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "") -> RestoreStats:
         check_name(name)
+        if pages_port:
+            if renamed or not re.match(r"^[0-9a-f]{64}$", container_id):
+                raise InvalidArgument("a post-copy restore keeps the container's name and id")
+            self._clear_requests(container_id, "lazy.log", "daemon")
+            self._ask(container_id, "restore", pages_port)
+        try:
+            return await self._restore(archive, name, renamed, ignore_volumes)
+        finally:
+            if pages_port:
+                self._clear_requests(container_id, "restore")
+
+    async def _restore(self, archive: str, name: str, renamed: bool, ignore_volumes: bool) -> RestoreStats:
         started = time.monotonic()
         # podman restores established TCP connections only into a container of the same name (a
         # renamed copy runs beside the original, whose connections those are).
@@ -92,6 +116,93 @@ class PodmanRuntime(Runtime):
         stats = _first_container_stats(out.stdout)
         return RestoreStats(seconds, stats.get("Id", ""),
                             {k: int(v) for k, v in (stats.get("criu_statistics") or {}).items()})
+
+    # ---------------------------------------------------------------- post-copy
+    # podman 4.3 cannot ask runc for lazy pages; its runc is our wrapper (scripts/runc-postcopy.sh),
+    # which adds them for the containers named by a request file here.
+    supports_post_copy = True
+
+    @staticmethod
+    def _request(container_id: str, kind: str) -> str:
+        return os.path.join(LAZY_REQUESTS, f"{container_id}.{kind}")
+
+    def _clear_requests(self, container_id: str, *kinds: str) -> None:
+        for kind in kinds:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._request(container_id, kind))
+
+    def _ask(self, container_id: str, kind: str, port: int) -> None:
+        os.makedirs(LAZY_REQUESTS, mode=0o700, exist_ok=True)
+        with open(self._request(container_id, kind), "w") as f:
+            f.write(f"{port}\n")
+
+    async def checkpoint_post_copy(self, name: str, archive: str, scratch: str, ignore_volumes: bool, port: int,
+                                   images_ready: Callable[[float], Awaitable[None]]) -> DumpStats:
+        out = await self._podman("container", "inspect", "--format", "json", check_name(name))
+        c = json.loads(out.stdout)[0]
+        cid, static = c["Id"], c["StaticDir"]
+        upper = ((c.get("GraphDriver") or {}).get("Data") or {}).get("UpperDir", "")
+        if not upper:
+            raise FailedPrecondition(f"{name} has no overlay upper folder; post-copy needs the overlay driver")
+        volumes = {} if ignore_volumes else {m["Name"]: m["Source"] for m in c.get("Mounts") or []
+                                             if m.get("Type") == "volume"}
+        self._clear_requests(cid, "ready", "runc")
+        self._ask(cid, "dump", port)
+        # podman writes config.dump and spec.dump only when it exports; its export itself comes
+        # after the last page has left, holds no memory, and is thrown away.
+        export = os.path.join(scratch, "podman-export.tar")
+        args = ["container", "checkpoint", name, "--export", export, "--compress", "none", "--print-stats",
+                *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
+        started = time.monotonic()
+        dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
+        frozen = 0.0
+        try:
+            ready = self._request(cid, "ready")
+            while not dump.done() and not (os.path.exists(ready) and os.path.getsize(ready) > 0):
+                await asyncio.sleep(0.005)
+            if not dump.done():
+                await asyncio.to_thread(podman_archive.write, archive, static, upper, volumes)
+                frozen = time.monotonic() - started
+                await images_ready(frozen)
+            out = await dump
+        except BaseException:
+            await self.abort_post_copy(cid)
+            await asyncio.gather(dump, return_exceptions=True)
+            raise
+        finally:
+            self._clear_requests(cid, "dump", "ready", "runc")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(export)
+        if out.returncode != 0:
+            raise RuntimeFailure(f"CRIU could not checkpoint {name} with post-copy: {_criu_tail(out.stderr)}")
+        criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
+        criu.pop("frozen_time", None)   # a lazy dump's figure counts the whole copy, not the downtime
+        return DumpStats(frozen, criu, {"pages": time.monotonic() - started - frozen})
+
+    async def abort_post_copy(self, container_id: str) -> bool:
+        # SIGTERM to the CRIU that runc started for this dump: it resumes the container (verified
+        # here: memory intact). Closing its page server's connection instead would read as "done".
+        try:
+            with open(self._request(container_id, "runc")) as f:
+                runc = int(f.read().strip())
+        except (OSError, ValueError):
+            return False
+        for pid in _children(runc):
+            if _comm(pid) == "criu":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                log.warning("post-copy dump aborted; the container resumes", container=container_id[:12])
+                return True
+        return False
+
+    def post_copy_failure(self, container_id: str) -> str:
+        log_path = os.path.join(LAZY_REQUESTS, f"{container_id}.lazy.log")
+        try:
+            with open(log_path, errors="replace") as f:
+                errors = [line.strip() for line in f.read().splitlines()[-200:] if "Error" in line]
+        except OSError:
+            return ""
+        return " | ".join(errors[-3:])
 
     async def resume(self, name: str) -> None:
         check_name(name)
@@ -149,7 +260,6 @@ def parse_size(text: str) -> int:
 
 def check_name(name: str) -> str:
     if not NAME.match(name or "") and not re.match(r"^[0-9a-f]{12,64}$", name or ""):
-        from stasis.errors import InvalidArgument
         raise InvalidArgument(f"container name {name!r} is invalid: use letters, digits, '_', '.', '-'")
     return name
 
@@ -179,6 +289,22 @@ def _criu_tail(stderr: str) -> str:
         if errors:
             message += " | CRIU log: " + " | ".join(errors)
     return message
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _unix_to_rfc3339(value) -> str:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from stasis.errors import FailedPrecondition
 
 
 @dataclass
@@ -65,9 +68,29 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def restore(self, archive: str, name: str, renamed: bool = True,
-                      ignore_volumes: bool = False) -> RestoreStats:
+                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "") -> RestoreStats:
         """`renamed`: `name` differs from the checkpointed container's (a copy, not a move).
-        `ignore_volumes`: the archive left named volumes out; use the ones this host has."""
+        `ignore_volumes`: the archive left named volumes out; use the ones this host has.
+        `pages_port`: post-copy; memory comes lazily from 127.0.0.1:`pages_port` (the relay to the
+        source) for the container `container_id`."""
+
+    #: post-copy: the dump keeps memory in place and serves it lazily; restore runs before it arrives
+    supports_post_copy: bool = False
+
+    async def checkpoint_post_copy(self, name: str, archive: str, scratch: str, ignore_volumes: bool, port: int,
+                                   images_ready: Callable[[float], Awaitable[None]]) -> DumpStats:
+        """Dump everything but memory into `archive`, call `images_ready(seconds frozen so far)`,
+        then serve memory from CRIU's page server on 127.0.0.1:`port` until the peer has it all.
+        `scratch`: a folder for the engine's own leftovers."""
+        raise FailedPrecondition(f"{self.name} cannot migrate with post-copy; it needs podman")
+
+    async def abort_post_copy(self, container_id: str) -> bool:
+        """Stop a post-copy dump before its memory left: the container resumes here."""
+        return False
+
+    def post_copy_failure(self, container_id: str) -> str:
+        """Why this host's lazy-pages daemon for the container failed ('' if it did not)."""
+        return ""
 
     @abc.abstractmethod
     async def resume(self, name: str) -> None:

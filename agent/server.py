@@ -70,7 +70,8 @@ class AgentServicer(pb_grpc.AgentServicer):
         queue: asyncio.Queue = asyncio.Queue()
         work = self.service.checkpoint(request.operation_id, request.container, request.leave_running,
                                        request.repository, request.checkpoint_id, _emitter(queue),
-                                       dict(request.tags), request.direct, request.ignore_volumes)
+                                       dict(request.tags), request.direct, request.ignore_volumes,
+                                       request.post_copy)
         async for item in _stream(work, queue):
             if isinstance(item, pb.AgentEvent):
                 yield item
@@ -82,7 +83,8 @@ class AgentServicer(pb_grpc.AgentServicer):
 
     async def Restore(self, request, context):
         queue: asyncio.Queue = asyncio.Queue()
-        peer = Peer(request.peer_host, request.peer_address, request.ticket) if request.peer_host else None
+        peer = Peer(request.peer_host, request.peer_address, request.ticket, request.post_copy,
+                    request.page_ticket) if request.peer_host else None
         work = self.service.restore(request.operation_id, request.checkpoint_id, request.repository,
                                     request.name, _emitter(queue), peer, request.ignore_volumes)
         async for item in _stream(work, queue):
@@ -113,11 +115,16 @@ class AgentServicer(pb_grpc.AgentServicer):
         async for chunk in self.service.fetch(request.checkpoint_id, request.ticket):
             yield chunk
 
+    async def RelayPages(self, request_iterator, context):
+        async for msg in self.service.relay_pages(request_iterator):
+            yield msg
+
 
 # Agents serve the controller only; a peer agent may fetch a checkpoint held for a direct migration,
 # and AgentService.fetch lets it only with the controller's ticket for exactly that transfer.
 RULES = {method: daemon("controller") for method in service_methods(pb.DESCRIPTOR.services_by_name["Agent"])}
 RULES["/stasis.v1.Agent/FetchCheckpoint"] = daemon("agent")
+RULES["/stasis.v1.Agent/RelayPages"] = daemon("agent")
 
 
 async def _register_loop(service: AgentService, controller: str, advertise: str, transport: Transport) -> None:

@@ -14,11 +14,12 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
 
-from stasis.agent import failpoints, transfer
+from stasis.agent import failpoints, pages, transfer
+from stasis.agent.pages import free_loopback_port
 from stasis.agent.podman import check_name
 from stasis.agent.probe import cpuinfo_check, cpuinfo_dump, criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
@@ -32,6 +33,7 @@ from stasis.security.tickets import TicketChecker
 from stasis.security.tls import Transport
 from stasis.storage.manifest import Artifact, ContainerRef, Manifest
 from stasis.storage.repository import Repository, new_checkpoint_id, now_rfc3339
+from stasis.proto.v1 import stasis_pb2 as pb
 
 log = structlog.get_logger("stasis.agent")
 
@@ -49,6 +51,8 @@ class Peer:
     host: str
     address: str
     ticket: bytes
+    post_copy: bool = False
+    page_ticket: bytes = b""
 
 
 def _sealed_image(seal: dict, manifest: Manifest) -> Artifact:
@@ -91,6 +95,11 @@ class AgentService:
         self._ops: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
         self._criu_version = ""
         self._runtime_version = ""
+        # Post-copy in flight. Source: checkpoint id -> (page server port, container id), and
+        # container name -> the dump's end (rollback aborts it). Destination: name -> its relay.
+        self._page_servers: dict[str, tuple[int, str]] = {}
+        self._post_copy_dumps: dict[str, tuple[str, asyncio.Future]] = {}
+        self._relays: dict[str, pages.DestinationRelay] = {}
 
     # ------------------------------------------------------------------ queries
 
@@ -118,6 +127,9 @@ class AgentService:
                            f"list them with 'stasis ps --host {self.host_name}'") from None
 
     async def remove(self, name: str, force: bool) -> None:
+        relay = self._relays.pop(name, None)
+        if relay is not None:   # the source must resume, not take the relay's EOF for "all sent"
+            relay.abort(f"{name} was removed on {self.host_name}")
         await self.runtime.remove(name, force)
         self.spool.drop_container(name)
 
@@ -150,6 +162,10 @@ class AgentService:
 
     async def resume(self, name: str) -> ContainerInfo:
         self.spool.drop_container(name)   # a rolled-back migration: nobody will fetch it now
+        dumping = self._post_copy_dumps.get(name)
+        if dumping is not None:   # CRIU still holds the container (and podman's lock): let it go
+            await self.runtime.abort_post_copy(dumping[0])
+            await asyncio.wait([dumping[1]], timeout=60)
         info = await self.runtime.inspect(name)
         if info.state != "running":
             await self.runtime.resume(name)
@@ -208,20 +224,22 @@ class AgentService:
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
                          checkpoint_id: str, emit: Emit, tags: dict[str, str] | None = None,
-                         direct: bool = False, ignore_volumes: bool = False) -> Manifest:
+                         direct: bool = False, ignore_volumes: bool = False, post_copy: bool = False) -> Manifest:
         return await self._once(op_id, lambda: self._checkpoint(
             op_id, container, leave_running, repo_url, checkpoint_id or new_checkpoint_id(), emit, tags or {},
-            direct, ignore_volumes))
+            direct, ignore_volumes, post_copy))
 
     async def _checkpoint(self, op_id: str, container: str, leave_running: bool, repo_url: str,
                           ckpt_id: str, emit: Emit, tags: dict[str, str], direct: bool = False,
-                          ignore_volumes: bool = False) -> Manifest:
+                          ignore_volumes: bool = False, post_copy: bool = False) -> Manifest:
         info = await self.inspect(container)
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")
         if direct and leave_running:
             raise InvalidArgument("a direct checkpoint is a migration's: it stops the container")
+        if post_copy and not direct:
+            raise InvalidArgument("post-copy serves memory to a peer agent: it needs a direct checkpoint")
         repo = await self._open(repo_url)
         criu, runtime_version = await self._versions()
         # Shared lock: a prune can neither run nor start until this checkpoint is committed.
@@ -255,7 +273,12 @@ class AgentService:
                 if self.signer is not None:
                     offer = self.signer.sign(offer)
                 archive = self.spool.begin(ckpt_id, offer.to_bytes(), info.name)
-            stats = await self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes)
+            if post_copy:
+                stats, size = await self._dump_post_copy(info, ckpt_id, archive, stage, ignore_volumes, image_task,
+                                                         emit)
+            else:
+                stats = await self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes)
+                size = os.path.getsize(archive)
             dumped = True
             if ship_image and image_task is None:
                 image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))
@@ -265,7 +288,6 @@ class AgentService:
             timings.update({f"dump.{k}": v for k, v in stats.phases.items()})
             failpoints.hit("checkpoint.after_dump")
 
-            size = os.path.getsize(archive)
             if direct:
                 artifact = Artifact.build([])   # not in the repository: the summary states its size
                 tags = {**tags, DIRECT_TAG: str(size)}
@@ -305,6 +327,48 @@ class AgentService:
             if stage:
                 await asyncio.to_thread(shutil.rmtree, stage, True)
             await asyncio.to_thread(lock.release)
+
+    async def _dump_post_copy(self, info: ContainerInfo, ckpt_id: str, archive: str, stage: str,
+                              ignore_volumes: bool, image_task, emit: Emit):
+        """Everything but memory goes to the peer as a direct archive; memory stays in CRIU's page
+        server, relayed to the peer (RelayPages) as it faults pages in. Returns when all have left."""
+        sent = {}
+
+        async def images_ready(frozen: float) -> None:
+            sent["size"] = os.path.getsize(archive)
+            image = await image_task if image_task is not None else None
+            self.spool.finish(ckpt_id, image.to_json() if image else None)
+            emit("pages", f"{info.name} is frozen ({frozen:.2f} s); memory is served to the destination", 0, 0)
+
+        ended = asyncio.get_running_loop().create_future()
+        self._page_servers[ckpt_id] = (free_loopback_port(), info.id)
+        self._post_copy_dumps[info.name] = (info.id, ended)
+        try:
+            stats = await self.runtime.checkpoint_post_copy(info.name, archive, stage, ignore_volumes,
+                                                            self._page_servers[ckpt_id][0], images_ready)
+        finally:
+            self._page_servers.pop(ckpt_id, None)
+            self._post_copy_dumps.pop(info.name, None)
+            ended.set_result(None)
+        return stats, sent.get("size", 0)
+
+    async def relay_pages(self, requests) -> AsyncIterator[pb.PageBytes]:
+        """Source side of RelayPages: the first message names the checkpoint and carries the ticket."""
+        first = await anext(requests, None)
+        if first is None or not first.checkpoint_id:
+            raise InvalidArgument("RelayPages starts with a checkpoint id and a ticket")
+        caller = CALLER.get()
+        if self.tickets is not None:
+            if caller is None or caller.kind != "agent":
+                raise PermissionDenied("only a peer agent with a migration ticket may relay memory")
+            self.tickets.check(first.ticket, first.checkpoint_id, caller.name)
+        served = self._page_servers.get(first.checkpoint_id)
+        if served is None:
+            raise NotFound(f"no post-copy dump of checkpoint {first.checkpoint_id} is serving memory on "
+                           f"{self.host_name}")
+        port, container_id = served
+        async for msg in pages.serve_source(requests, port, lambda: self.runtime.abort_post_copy(container_id)):
+            yield msg
 
     async def _resume_after_failure(self, name: str, exc: BaseException) -> None:
         try:
@@ -355,7 +419,7 @@ class AgentService:
                     raise InvalidArgument("a direct restore needs the source agent's host name and address "
                                           "(another host than this one)")
                 receiver = transfer.Receiver(self.transport, self.verifier, peer.host, peer.address, checkpoint_id,
-                                             peer.ticket)
+                                             peer.ticket, peer.post_copy, peer.page_ticket)
                 manifest = await receiver.offer()   # verified before anything acts on it
             else:
                 manifest = await asyncio.to_thread(repo.read_manifest, checkpoint_id)
@@ -418,8 +482,13 @@ class AgentService:
                 await image_task
             failpoints.hit("restore.before_runtime")
             emit("restore", f"restoring {name} with CRIU", 0, 0)
+            relay = None
+            if receiver is not None and receiver.post_copy:
+                relay = await self._relay_from(receiver, manifest, name)
             stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
-                                               ignore_volumes=ignore_volumes)
+                                               ignore_volumes=ignore_volumes,
+                                               pages_port=await relay.start() if relay else 0,
+                                               container_id=manifest.container.id)
             timings["restore"] = stats.seconds
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:
@@ -427,6 +496,15 @@ class AgentService:
             info = await self.runtime.inspect(name)
             if info.state != "running":
                 raise RuntimeFailure(f"restored container {name} is {info.state}, not running")
+            if relay is not None:
+                # Running: the downtime ends here. The call ends once every page has arrived, so
+                # the controller commits only a complete container.
+                emit("pages", f"{name} runs; its memory follows from {receiver.peer}", 0, 0)
+                started = time.monotonic()
+                received = await relay.done
+                timings["pages"] = time.monotonic() - started
+                log.info("post-copy complete", container=name, bytes=received, seconds=round(timings["pages"], 3))
+                self._relays.pop(name, None)
             log.info("checkpoint restored", checkpoint=manifest.id, container=name,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return RestoreOutcome(info, timings)
@@ -436,6 +514,15 @@ class AgentService:
             if stage:
                 await asyncio.to_thread(shutil.rmtree, stage, True)
             await asyncio.to_thread(lock.release)
+
+    async def _relay_from(self, receiver: "transfer.Receiver", manifest: Manifest, name: str):
+        if not self.runtime.supports_post_copy:
+            raise FailedPrecondition(f"{self.runtime.name} on {self.host_name} cannot restore with post-copy")
+        relay = pages.DestinationRelay(self.transport, receiver.peer_host, receiver.peer_address, manifest.id,
+                                       receiver.page_ticket,
+                                       lambda: self.runtime.post_copy_failure(manifest.container.id))
+        self._relays[name] = relay
+        return relay
 
     async def _has_image(self, manifest: Manifest) -> bool:
         return self.runtime.archive_includes_image or await self.runtime.image_exists(manifest.container.image_id)

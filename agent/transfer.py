@@ -178,8 +178,10 @@ class Receiver:
     bytes to `path` and checks the seal."""
 
     def __init__(self, transport: Transport, verifier: Verifier | None, peer_host: str, peer_address: str,
-                 ckpt_id: str, ticket: bytes):
+                 ckpt_id: str, ticket: bytes, post_copy: bool = False, page_ticket: bytes = b""):
         self.transport = transport
+        self.peer_address = peer_address
+        self.post_copy, self.page_ticket = post_copy, page_ticket   # memory follows the restore
         self.verifier = verifier
         self.peer_host = peer_host
         self.peer = f"agent {peer_host} at {peer_address}"

@@ -91,20 +91,24 @@ class AgentClient:
 
     async def checkpoint(self, op_id: str, container: str, leave_running: bool, repository: str,
                          on_progress, tags: dict[str, str] | None = None, direct: bool = False,
-                         checkpoint_id: str = "", ignore_volumes: bool = False) -> pb.CheckpointSummary:
+                         checkpoint_id: str = "", ignore_volumes: bool = False,
+                         post_copy: bool = False) -> pb.CheckpointSummary:
         req = pb.AgentCheckpointRequest(operation_id=op_id, container=container, leave_running=leave_running,
                                         repository=repository, tags=tags or {}, direct=direct,
-                                        checkpoint_id=checkpoint_id, ignore_volumes=ignore_volumes)
+                                        checkpoint_id=checkpoint_id, ignore_volumes=ignore_volumes,
+                                        post_copy=post_copy)
         return (await self._stream(self.stub.Checkpoint, req, on_progress)).checkpoint
 
     async def restore(self, op_id: str, checkpoint_id: str, repository: str, name: str,
                       on_progress, peer: "AgentClient | None" = None, ticket: bytes = b"",
-                      ignore_volumes: bool = False) -> pb.RestoreResult:
+                      ignore_volumes: bool = False, post_copy: bool = False,
+                      page_ticket: bytes = b"") -> pb.RestoreResult:
         """From the repository, or (direct migration) from `peer`, which holds it, with a ticket."""
         req = pb.AgentRestoreRequest(operation_id=op_id, checkpoint_id=checkpoint_id, repository=repository,
                                      name=name, peer_host=peer.name if peer else "",
                                      peer_address=peer.address if peer else "", ticket=ticket,
-                                     ignore_volumes=ignore_volumes)
+                                     ignore_volumes=ignore_volumes, post_copy=post_copy,
+                                     page_ticket=page_ticket)
         return (await self._stream(self.stub.Restore, req, on_progress)).restored
 
     async def describe_for_migration(self, name: str) -> pb.MigrationNeeds:

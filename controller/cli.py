@@ -211,14 +211,16 @@ def cmd_restore(args, client: Client) -> int:
 def cmd_migrate(args, client: Client) -> int:
     host, name = split_target(args.target)
     transfer = "repository" if args.via_repository else "direct"
+    if args.post_copy and args.via_repository:
+        raise InvalidArgument("--post-copy moves memory from agent to agent; it cannot go --via-repository")
     job = client.stream("Migrate", pb.MigrateRequest(
         request_id=args.request_id or "", host=host, container=name, to=args.to, transfer=transfer,
-        ignore_volumes=args.ignore_volumes),
+        ignore_volumes=args.ignore_volumes, post_copy=args.post_copy),
         Progress(args.json))
 
     def ok(j: pb.Job) -> None:
         kept = (f", checkpoint {j.result['checkpoint_id']} kept in the repository" if transfer == "repository"
-                else ", agent to agent")
+                else ", agent to agent" + (", post-copy" if args.post_copy else ""))
         print(f"migrated {name} from {host} to {args.to} (job {j.id}{kept})")
         print(f"downtime {j.downtime_seconds:.2f} s; {phases_line(j)}")
         if not j.result.get("cleanup", "done").startswith("done"):
@@ -747,6 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-volumes", action="store_true",
                    help="leave named volumes behind: both hosts mount the same shared storage under the same "
                         "volume names (default: their contents travel with the container)")
+    p.add_argument("--post-copy", action="store_true",
+                   help="restore on the destination first and let memory follow as it is touched: downtime "
+                        "no longer grows with memory. The price: until every page has arrived the container "
+                        "lives on both hosts, and losing the source (host, agent or network) then loses the "
+                        "container. A failure of the destination resumes it on the source. Needs podman.")
     p.add_argument("--request-id", help="idempotency key")
 
     p = add("job", "show a job (checkpoint, restore, migrate) with its phases and timings", cmd_job)

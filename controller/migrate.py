@@ -43,7 +43,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 class Migration:
     def __init__(self, service: "ControllerService", source: AgentClient, destination: AgentClient,
-                 container: str, transfer: str = "direct", ignore_volumes: bool = False):
+                 container: str, transfer: str = "direct", ignore_volumes: bool = False, post_copy: bool = False):
         self.service = service
         self.jobs = service.jobs
         self.source = source
@@ -54,11 +54,15 @@ class Migration:
         self.transfer = transfer
         # Named volumes stay behind: both hosts mount the same shared storage under the same names.
         self.ignore_volumes = ignore_volumes
+        # Restore first, memory follows on demand (lazy pages); downtime stops growing with memory.
+        self.post_copy = post_copy
+        self.running_at: float | None = None   # post-copy: when the destination reported it runs
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
             await self.preflight()
         job.result["pre_copy"] = self.pre_copy
+        job.result["mode"] = "post-copy" if self.post_copy else "stop-and-copy"
         await self._move(job)
 
     async def recover(self, job: "Job") -> None:
@@ -98,12 +102,14 @@ class Migration:
         resumed_restore = self.restore_started = recovering and job.result.get("restore_started") == "true"
         try:
             job.result["transfer"] = self.transfer
-            if self.transfer == "direct":
+            if self.post_copy:
+                restored = await self._post_copy(job, resumed_restore)
+            elif self.transfer == "direct":
                 restored = await self._direct(job, resumed_restore)
             else:
                 restored = await self._via_repository(job, recovering, resumed_restore)
-            if not recovering:
-                job.row.downtime = round(time.monotonic() - frozen_at, 4)
+            if not recovering:   # post-copy: the container ran before its memory had all arrived
+                job.row.downtime = round((self.running_at or time.monotonic()) - frozen_at, 4)
             for t in restored.timings:
                 job.timings[f"destination.{t.name}"] = round(t.seconds, 4)
             async with self.jobs.phase(job, "verify"):
@@ -166,6 +172,54 @@ class Migration:
         async with self.jobs.phase(job, "restore"):
             return await fetch
 
+    async def _post_copy(self, job: "Job", resumed_restore: bool) -> pb.RestoreResult:
+        """Everything but memory moves as in a direct migration; the destination restores at once and
+        takes the pages from the source (relayed by the agents) as they are touched, while the rest
+        stream behind. Its Restore call ends when every page is there; a failure before that aborts
+        the source's dump, which resumes the container on the source."""
+        ckpt_id = job.result.get("checkpoint_id") or new_checkpoint_id()
+        job.result["checkpoint_id"] = ckpt_id
+        fetch_ticket, page_ticket = (tickets.mint(self.service.transport, job.id, ckpt_id, self.source.name,
+                                                  self.destination.name) for _ in range(2))
+        running = asyncio.Event()
+
+        def progress(p: pb.Progress) -> None:
+            if p.phase == "pages" and p.message.startswith(f"{self.container} runs"):
+                self.running_at = time.monotonic()
+                running.set()
+            job.publish(p)
+
+        self.restore_started = True
+        job.result["restore_started"] = "true"
+        restore = asyncio.ensure_future(self.destination.restore(
+            job.id, ckpt_id, self.service.repository.url, self.container, progress, self.source, fetch_ticket,
+            self.ignore_volumes, post_copy=True, page_ticket=page_ticket))
+        dump = asyncio.ensure_future(self.source.checkpoint(
+            job.id, self.container, False, self.service.repository.url, lambda p: job.publish(p), direct=True,
+            checkpoint_id=ckpt_id, ignore_volumes=self.ignore_volumes, post_copy=True))
+        # A failed side is reported by the rollback; the source's dump ends when the rollback resumes it.
+        dump.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            async with self.jobs.phase(job, "checkpoint"):   # until the destination runs
+                waiter = asyncio.ensure_future(running.wait())
+                await asyncio.wait([waiter, restore, dump], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                for side in (restore, dump):
+                    if side.done() and side.exception() is not None:
+                        raise side.exception()
+            async with self.jobs.phase(job, "pages"):   # until every page has arrived
+                restored = await restore
+        except BaseException:
+            restore.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise
+        try:   # every page is on the destination: the source's own ending no longer matters
+            summary = await dump
+            for t in summary.timings:
+                job.timings[f"source.{t.name}"] = round(t.seconds, 4)
+        except StasisError as exc:
+            job.result["source_dump"] = f"ended with an error after the memory had left: {exc.message}"
+        return restored
+
     async def _via_repository(self, job: "Job", recovering: bool, resumed_restore: bool) -> pb.RestoreResult:
         if recovering and job.row.phase != "checkpoint" and job.result.get("checkpoint_id"):
             ckpt_id = job.result["checkpoint_id"]   # the checkpoint is committed
@@ -203,6 +257,12 @@ class Migration:
         if src_info.runtime != dst_info.runtime:
             raise FailedPrecondition(f"{self.source.name} runs {src_info.runtime}, "
                                      f"{self.destination.name} runs {dst_info.runtime}")
+        if self.post_copy:
+            if src_info.runtime != "podman":
+                raise FailedPrecondition(f"post-copy needs podman; {self.source.name} runs {src_info.runtime}")
+            if not dst_info.criu_features.get("uffd-noncoop"):
+                raise FailedPrecondition(f"post-copy needs userfaultfd on {self.destination.name} "
+                                         f"(criu check --feature uffd-noncoop fails there)")
         if not dst_info.criu_version:
             raise FailedPrecondition(f"{self.destination.name} has no working CRIU")
         if _version(dst_info.criu_version) < _version(src_info.criu_version):

@@ -53,7 +53,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     async def Migrate(self, request, context):
         job = self.service.start_migrate(request.request_id, request.host, request.container, request.to,
-                                         request.transfer, request.ignore_volumes)
+                                         request.transfer, request.ignore_volumes, request.post_copy)
         async for event in self.service.jobs.watch(job):
             yield event
 

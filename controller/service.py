@@ -208,19 +208,21 @@ class ControllerService:
         return self.jobs.start("restore", params, request_id, work)
 
     def start_migrate(self, request_id: str, host: str, container: str, to: str, transfer: str = "",
-                      ignore_volumes: bool = False) -> Job:
+                      ignore_volumes: bool = False, post_copy: bool = False) -> Job:
         from stasis.controller.migrate import Migration
 
         transfer = transfer or "direct"
+        if post_copy and transfer != "direct":
+            raise InvalidArgument("post-copy moves memory from agent to agent; it needs the direct transfer")
         params = {"host": host, "container": container, "to": to, "transfer": transfer,
-                  "ignore_volumes": ignore_volumes}
+                  "ignore_volumes": ignore_volumes, "post_copy": post_copy}
         found = self.jobs.existing(request_id, "migrate", params)
         if found is not None:
             return found
         if host == to:
             raise InvalidArgument(f"{container} is already on {host}: pick another destination")
         source, destination = self.agent(host), self.agent(to)
-        migration = Migration(self, source, destination, container, transfer, ignore_volumes)
+        migration = Migration(self, source, destination, container, transfer, ignore_volumes, post_copy)
         return self.jobs.start("migrate", params, request_id, migration.run)
 
     async def recover_jobs(self, retry_seconds: float = 2.0) -> None:
@@ -240,7 +242,7 @@ class ControllerService:
                     log.warning("migration waits for its hosts to recover", job=row.id, error=exc.message)
                     await asyncio.sleep(retry_seconds)
             migration = Migration(self, source, destination, params["container"], params.get("transfer", "direct"),
-                                  bool(params.get("ignore_volumes", False)))
+                                  bool(params.get("ignore_volumes", False)), bool(params.get("post_copy", False)))
             await self.jobs.resume(row, migration.recover).done.wait()
 
         rows, self.jobs.interrupted = self.jobs.interrupted, []

@@ -9,9 +9,13 @@
 #                          REQ/ID.ready holds a byte; REQ/ID.runc names runc's pid (to abort).
 #   REQ/ID.restore  PORT   restore: start CRIU's lazy-pages daemon, fetching from 127.0.0.1:PORT
 #                          (the agent's authenticated relay to the source), then restore lazily;
-#                          REQ/ID.daemon names the daemon's pid.
+#                          REQ/ID.daemon names the daemon's pid, REQ/ID.lazy.log is its log.
 REAL=@RUNC@
 REQ=/run/stasis/lazy
+
+# A request is used once, and only within two minutes of being made: one an agent left behind
+# (killed mid-migration) must never turn a later checkpoint of the same container into a lazy one.
+fresh() { [ -f "$1" ] && [ -n "$(find "$1" -mmin -2 2>/dev/null)" ]; }
 
 args=("$@")
 id=${args[-1]}
@@ -19,8 +23,9 @@ id=${args[-1]}
 for i in "${!args[@]}"; do
     case ${args[$i]} in
     checkpoint)
-        [ -f "$REQ/$id.dump" ] || break
+        fresh "$REQ/$id.dump" || break
         read -r port < "$REQ/$id.dump"
+        rm -f "$REQ/$id.dump"
         [[ $port =~ ^[0-9]{1,5}$ ]] || { echo "stasis runc: bad post-copy request for $id" >&2; exit 1; }
         exec 9>>"$REQ/$id.ready"
         echo $$ > "$REQ/$id.runc"
@@ -28,8 +33,9 @@ for i in "${!args[@]}"; do
             "${args[@]:i+1}"
         ;;
     restore)
-        [ -f "$REQ/$id.restore" ] || break
+        fresh "$REQ/$id.restore" || break
         read -r port < "$REQ/$id.restore"
+        rm -f "$REQ/$id.restore"
         [[ $port =~ ^[0-9]{1,5}$ ]] || { echo "stasis runc: bad post-copy request for $id" >&2; exit 1; }
         img="" work=""
         for j in "${!args[@]}"; do
@@ -41,11 +47,11 @@ for i in "${!args[@]}"; do
         [ -d "$img" ] && [ -d "$work" ] || { echo "stasis runc: restore without image and work paths" >&2; exit 1; }
         # The daemon and the restore meet at WORK/lazy-pages.socket.
         setsid criu lazy-pages --page-server --address 127.0.0.1 --port "$port" -D "$img" -W "$work" \
-            -o lazy-pages.log </dev/null >/dev/null 2>&1 &
+            -o "$REQ/$id.lazy.log" </dev/null >/dev/null 2>&1 &
         echo $! > "$REQ/$id.daemon"
         for _ in $(seq 1 500); do
             [ -S "$work/lazy-pages.socket" ] && break
-            kill -0 $! 2>/dev/null || { echo "stasis runc: CRIU's lazy-pages daemon failed (see $work/lazy-pages.log)" >&2; exit 1; }
+            kill -0 $! 2>/dev/null || { echo "stasis runc: CRIU's lazy-pages daemon failed (see $REQ/$id.lazy.log)" >&2; exit 1; }
             sleep 0.01
         done
         exec "$REAL" "${args[@]:0:i+1}" --lazy-pages "${args[@]:i+1}"

@@ -351,7 +351,9 @@ def _fuzz(stub, service_name: str, method: str, data):
     request = data.draw(messages(m.input_type))
     call = getattr(stub, method)
     try:
-        result = call(request, timeout=20)
+        if m.client_streaming:   # a relay: a few fuzzed messages in a row
+            request = data.draw(st.lists(messages(m.input_type), min_size=1, max_size=3))
+        result = call(iter(request) if m.client_streaming else request, timeout=20)
         if m.server_streaming:
             for _ in result:
                 pass

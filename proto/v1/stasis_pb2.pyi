@@ -143,6 +143,18 @@ class Revocation(_message.Message):
     reason: str
     def __init__(self, principal: _Optional[str] = ..., serial: _Optional[str] = ..., before: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class PageBytes(_message.Message):
+    __slots__ = ("checkpoint_id", "ticket", "data", "end")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    ticket: bytes
+    data: bytes
+    end: bool
+    def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., data: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
+
 class MigrationNeeds(_message.Message):
     __slots__ = ("container", "cpuinfo", "memory_bytes")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
@@ -216,7 +228,7 @@ class InspectContainerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AgentCheckpointRequest(_message.Message):
-    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id", "tags", "direct", "ignore_volumes")
+    __slots__ = ("operation_id", "container", "leave_running", "repository", "checkpoint_id", "tags", "direct", "ignore_volumes", "post_copy")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +244,7 @@ class AgentCheckpointRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     DIRECT_FIELD_NUMBER: _ClassVar[int]
     IGNORE_VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    POST_COPY_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     container: str
     leave_running: bool
@@ -240,10 +253,11 @@ class AgentCheckpointRequest(_message.Message):
     tags: _containers.ScalarMap[str, str]
     direct: bool
     ignore_volumes: bool
-    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., direct: _Optional[bool] = ..., ignore_volumes: _Optional[bool] = ...) -> None: ...
+    post_copy: bool
+    def __init__(self, operation_id: _Optional[str] = ..., container: _Optional[str] = ..., leave_running: _Optional[bool] = ..., repository: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., direct: _Optional[bool] = ..., ignore_volumes: _Optional[bool] = ..., post_copy: _Optional[bool] = ...) -> None: ...
 
 class AgentRestoreRequest(_message.Message):
-    __slots__ = ("operation_id", "checkpoint_id", "repository", "name", "peer_host", "peer_address", "ticket", "ignore_volumes")
+    __slots__ = ("operation_id", "checkpoint_id", "repository", "name", "peer_host", "peer_address", "ticket", "ignore_volumes", "post_copy", "page_ticket")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +266,8 @@ class AgentRestoreRequest(_message.Message):
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     IGNORE_VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    POST_COPY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TICKET_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     checkpoint_id: str
     repository: str
@@ -260,7 +276,9 @@ class AgentRestoreRequest(_message.Message):
     peer_address: str
     ticket: bytes
     ignore_volumes: bool
-    def __init__(self, operation_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., repository: _Optional[str] = ..., name: _Optional[str] = ..., peer_host: _Optional[str] = ..., peer_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ignore_volumes: _Optional[bool] = ...) -> None: ...
+    post_copy: bool
+    page_ticket: bytes
+    def __init__(self, operation_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., repository: _Optional[str] = ..., name: _Optional[str] = ..., peer_host: _Optional[str] = ..., peer_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ignore_volumes: _Optional[bool] = ..., post_copy: _Optional[bool] = ..., page_ticket: _Optional[bytes] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("progress", "checkpoint", "restored")
@@ -592,20 +610,22 @@ class RestoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., host: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("request_id", "host", "container", "to", "transfer", "ignore_volumes")
+    __slots__ = ("request_id", "host", "container", "to", "transfer", "ignore_volumes", "post_copy")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     IGNORE_VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    POST_COPY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     host: str
     container: str
     to: str
     transfer: str
     ignore_volumes: bool
-    def __init__(self, request_id: _Optional[str] = ..., host: _Optional[str] = ..., container: _Optional[str] = ..., to: _Optional[str] = ..., transfer: _Optional[str] = ..., ignore_volumes: _Optional[bool] = ...) -> None: ...
+    post_copy: bool
+    def __init__(self, request_id: _Optional[str] = ..., host: _Optional[str] = ..., container: _Optional[str] = ..., to: _Optional[str] = ..., transfer: _Optional[str] = ..., ignore_volumes: _Optional[bool] = ..., post_copy: _Optional[bool] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("container", "host", "schedule")

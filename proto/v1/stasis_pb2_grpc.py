@@ -91,6 +91,11 @@ class AgentStub:
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.FetchCheckpointRequest.SerializeToString,
                 response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.TransferChunk.FromString,
                 _registered_method=True)
+        self.RelayPages = channel.stream_stream(
+                '/stasis.v1.Agent/RelayPages',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -172,6 +177,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayPages(self, request_iterator, context):
+        """Post-copy: a peer agent relays CRIU's lazy-pages protocol between its lazy-pages daemon and
+        the page server of a checkpoint held here (first message: checkpoint id and ticket).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +242,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.FetchCheckpoint,
                     request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.FetchCheckpointRequest.FromString,
                     response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.TransferChunk.SerializeToString,
+            ),
+            'RelayPages': grpc.stream_stream_rpc_method_handler(
+                    servicer.RelayPages,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +548,33 @@ class Agent:
             '/stasis.v1.Agent/FetchCheckpoint',
             stasis_dot_proto_dot_v1_dot_stasis__pb2.FetchCheckpointRequest.SerializeToString,
             stasis_dot_proto_dot_v1_dot_stasis__pb2.TransferChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayPages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stasis.v1.Agent/RelayPages',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.FromString,
             options,
             channel_credentials,
             insecure,

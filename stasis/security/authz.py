@@ -126,7 +126,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, handler.unary_stream), handler.request_deserializer,
                 handler.response_serializer)
-        return handler   # no client-streaming methods exist; nothing to guard
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._bidi(method, handler.stream_stream, handler.request_deserializer(b"")),
+                handler.request_deserializer, handler.response_serializer)
+        return None   # client-streaming methods do not exist: never serve one unguarded
 
     def _unary(self, method: str, inner):
         async def call(request, context):
@@ -140,6 +144,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async with self._guard(method, request, context) as guarded:
                 async for item in inner(request, context):
                     guarded.response = item   # the last one (a job's final state) goes to the audit
+                    yield item
+        return call
+
+    def _bidi(self, method: str, inner, empty):
+        """A relay: the rule is checked on the stream, the limits on every message that arrives."""
+        async def call(requests, context):
+            async def checked():
+                async for item in requests:
+                    try:
+                        limits.validate(item)
+                    except InvalidArgument as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+                    yield item
+            async with self._guard(method, empty, context):
+                async for item in inner(checked(), context):
                     yield item
         return call
 
