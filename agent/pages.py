@@ -54,16 +54,25 @@ async def serve_source(requests: AsyncIterator[pb.PageBytes], port: int,
             await writer.drain()
 
     up = asyncio.ensure_future(upstream())
+    read = None
     try:
-        while data := await reader.read(CHUNK):
-            yield pb.PageBytes(data=data)
+        while True:
+            read = read or asyncio.ensure_future(reader.read(CHUNK))
+            await asyncio.wait([read] if up.done() else [read, up], return_when=asyncio.FIRST_COMPLETED)
             if up.done():
                 up.result()   # the peer's side broke: raise
-        await up
+                if not ended:
+                    raise IntegrityError("the peer agent closed the memory relay before its daemon finished")
+            if read.done():
+                data, read = read.result(), None
+                if not data:   # CRIU is done: after `end`, every page was taken
+                    break
+                yield pb.PageBytes(data=data)
     finally:
-        if not up.done():
-            up.cancel()
-            await asyncio.gather(up, return_exceptions=True)
+        for task in (read, up):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if not ended:   # abort before the socket closes, so CRIU never reads the EOF as "done"
             await abort()
         writer.close()

@@ -11,6 +11,9 @@ MiB of memory, half of it compressible), the image already on both hosts:
 - stasis direct: `stasis migrate` (agent to agent over mutual TLS, the default).
 - stasis via repository: `stasis migrate --via-repository` (through the encrypted S3 repository,
   leaving a backup).
+- stasis post-copy: `stasis migrate --post-copy` (restore first; memory follows through the agents'
+  relay). Its "transfer" column is the copy of memory after the container already runs ("pages"),
+  which is not downtime.
 
 Downtime runs from the freeze on the source to the container running on the destination. Figures
 are medians over the rounds; these machines are shared and noisy, so read the ratios.
@@ -38,7 +41,7 @@ from stasis.testbed.seaweed import SeaweedFS
 
 COLUMNS = ["dump", "transfer", "restore", "downtime"]
 BASELINE, FLOOR = "podman export + S3 + import", "local floor (podman, one host)"
-DIRECT, REPO = "stasis direct", "stasis via repository"
+DIRECT, REPO, POST = "stasis direct", "stasis via repository", "stasis post-copy"
 
 
 def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict[str, float]:
@@ -77,7 +80,8 @@ def stasis(cluster: Cluster, name: str, *extra: str) -> dict[str, float]:
     assert job["state"] == "succeeded", job["error"]
     assert cluster.hosts["host-b"].verify_memory(name, timeout=300)["verified"] == "ok"
     t = job["timings"]
-    transfer = t.get("destination.transfer", 0) + t.get("source.upload", 0) + t.get("destination.download", 0)
+    transfer = (t.get("destination.transfer", 0) + t.get("source.upload", 0) + t.get("destination.download", 0)
+                + t.get("pages", 0))
     return {"dump": t.get("source.dump", 0), "transfer": transfer, "restore": t.get("destination.restore", 0),
             "downtime": job["downtime_seconds"]}
 
@@ -85,7 +89,8 @@ def stasis(cluster: Cluster, name: str, *extra: str) -> dict[str, float]:
 def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: int) -> dict[str, dict]:
     a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
     methods = {BASELINE: lambda n: baseline(cluster, seaweed, n, base), FLOOR: lambda n: floor(cluster, n),
-               DIRECT: lambda n: stasis(cluster, n), REPO: lambda n: stasis(cluster, n, "--via-repository")}
+               DIRECT: lambda n: stasis(cluster, n), REPO: lambda n: stasis(cluster, n, "--via-repository"),
+               POST: lambda n: stasis(cluster, n, "--post-copy")}
     results: dict[str, list[dict[str, float]]] = {label: [] for label in methods}
     for r in range(rounds):
         for i, (label, method) in enumerate(methods.items()):

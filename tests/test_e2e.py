@@ -595,3 +595,36 @@ def test_post_copy_cannot_go_via_the_repository(cluster):
     out = cluster.cli("migrate", f"host-a/{web}", "--to", "host-b", "--post-copy", "--via-repository", check=False)
     assert out.returncode != 0 and "--via-repository" in one_error_line(out.stderr)
     assert a.status(web)["nonce"]
+
+
+def test_post_copy_losing_the_destination_mid_copy_resumes_the_source(cluster):
+    a = cluster.hosts["host-a"]
+    dst = cluster.add_host(f"host-lazy-{cluster.backend}")
+    cluster.wait_hosts_up([dst.name])
+    web = name("lazykill")
+    a.run_workload(web, 512)
+    before = a.status(web)
+    proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
+                     "--to", dst.name, "--post-copy", "--json"], env={**cluster.env}, stdout=sp.PIPE,
+                    stderr=sp.PIPE, text=True)
+    try:
+        # The container already runs on the destination and its memory is on the way: kill it all.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            jobs = [j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web]
+            if jobs and jobs[0]["phase"] == "pages":
+                break
+            time.sleep(0.05)
+        assert jobs and jobs[0]["phase"] == "pages", jobs
+        dst.proc.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job = json.loads(out)
+    assert job["state"] in ("rolled_back", "failed"), job
+    # The source never let go of its memory: the dump was aborted and the container resumed there.
+    after = a.verify_memory(web)
+    assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
+    assert a.podman("inspect", "--format", "{{.State.Status}}", web).stdout.strip() == "running"
+    a.podman("rm", "-f", "-t", "0", web)
