@@ -490,6 +490,8 @@ class AgentService:
                                                pages_port=await relay.start() if relay else 0,
                                                container_id=manifest.container.id)
             timings["restore"] = stats.seconds
+            if relay is not None:   # CRIU's restore is done and the process scheduled: downtime ends
+                emit("pages", f"{name} runs; its memory follows from {receiver.peer}", 0, 0)
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:
                 timings["criu_restore"] = stats.criu["restore_time"] / 1e6
@@ -497,9 +499,8 @@ class AgentService:
             if info.state != "running":
                 raise RuntimeFailure(f"restored container {name} is {info.state}, not running")
             if relay is not None:
-                # Running: the downtime ends here. The call ends once every page has arrived, so
-                # the controller commits only a complete container.
-                emit("pages", f"{name} runs; its memory follows from {receiver.peer}", 0, 0)
+                # The call ends once every page has arrived, so the controller commits only a
+                # complete container.
                 started = time.monotonic()
                 received = await relay.done
                 timings["pages"] = time.monotonic() - started
