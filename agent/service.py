@@ -260,19 +260,22 @@ class AgentService:
                 # data first, and saving the image only afterwards, keeps that freeze as short as
                 # podman's own (nothing competes with CRIU for the disk).
                 await asyncio.to_thread(os.sync)
-            emit("dump", f"dumping {info.name} with CRIU", 0, 0)
             archive = os.path.join(stage, "checkpoint.tar")
             ref = ContainerRef(info.id, info.name, info.image, info.image_id, info.labels)
             if direct:
+                # An image the repository holds already is named in the offer: a destination that
+                # lacks it loads it while the source dumps, not after.
+                known_image = (await asyncio.to_thread(repo.image_artifact, info.image_id)) if ship_image else None
                 # The destination may fetch from now on: the offer describes the container, the
                 # archive follows as podman writes it, the seal (size, hash, image) comes at the end.
                 offer = Manifest(id=ckpt_id, created=now_rfc3339(), host=self.host_name, runtime=self.runtime.name,
                                  runtime_version=runtime_version, criu_version=criu, operation_id=op_id,
-                                 container=ref, leave_running=False, checkpoint=Artifact.build([]), image=None,
+                                 container=ref, leave_running=False, checkpoint=Artifact.build([]), image=known_image,
                                  timings={}, criu_stats={}, tags=tags)
                 if self.signer is not None:
                     offer = self.signer.sign(offer)
                 archive = self.spool.begin(ckpt_id, offer.to_bytes(), info.name)
+            emit("dump", f"dumping {info.name} with CRIU", 0, 0)   # the freeze begins: downtime counts
             if post_copy:
                 stats, size = await self._dump_post_copy(info, ckpt_id, archive, stage, ignore_volumes, image_task,
                                                          emit)
@@ -460,7 +463,7 @@ class AgentService:
         image_task = None
         try:
             stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
-            if need_image and receiver is None:
+            if need_image and (receiver is None or manifest.image is not None):
                 image_task = asyncio.ensure_future(self._load_image(repo, manifest, stage, timings))
             archive = os.path.join(stage, "checkpoint.tar")
             started = time.monotonic()
@@ -469,7 +472,7 @@ class AgentService:
                 # Hashed as it arrives; the source's signed seal is checked before the runtime runs.
                 seal = await receiver.archive(archive, lambda d: emit("transfer", "", d, 0))
                 timings["transfer"] = time.monotonic() - started
-                if need_image:
+                if need_image and image_task is None:
                     image_task = asyncio.ensure_future(self._load_image(repo, dataclasses.replace(
                         manifest, image=_sealed_image(seal, manifest)), stage, timings))
             else:

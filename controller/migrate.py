@@ -57,6 +57,7 @@ class Migration:
         # Restore first, memory follows on demand (lazy pages); downtime stops growing with memory.
         self.post_copy = post_copy
         self.running_at: float | None = None   # post-copy: when the destination reported it runs
+        self.freezing_at: float | None = None  # when the source reported its dump beginning
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
@@ -109,7 +110,7 @@ class Migration:
             else:
                 restored = await self._via_repository(job, recovering, resumed_restore)
             if not recovering:   # post-copy: the container ran before its memory had all arrived
-                job.row.downtime = round((self.running_at or time.monotonic()) - frozen_at, 4)
+                job.row.downtime = round((self.running_at or time.monotonic()) - (self.freezing_at or frozen_at), 4)
             for t in restored.timings:
                 job.timings[f"destination.{t.name}"] = round(t.seconds, 4)
             async with self.jobs.phase(job, "verify"):
@@ -161,7 +162,7 @@ class Migration:
         try:
             async with self.jobs.phase(job, "checkpoint"):
                 summary = await self.source.checkpoint(job.id, self.container, False, self.service.repository.url,
-                                                       lambda p: job.publish(p), direct=True, checkpoint_id=ckpt_id,
+                                                       self._source_progress(job), direct=True, checkpoint_id=ckpt_id,
                                                        ignore_volumes=self.ignore_volumes)
         except BaseException:
             # The destination cannot restore a dump that failed (no seal); let its call end first.
@@ -171,6 +172,15 @@ class Migration:
             job.timings[f"source.{t.name}"] = round(t.seconds, 4)
         async with self.jobs.phase(job, "restore"):
             return await fetch
+
+    def _source_progress(self, job: "Job"):
+        """Publish the source's progress; its dump beginning is where downtime starts (what the
+        agent does before, such as inspecting the container, does not stop it)."""
+        def progress(p: pb.Progress) -> None:
+            if p.phase == "dump" and self.freezing_at is None:
+                self.freezing_at = time.monotonic()
+            job.publish(p)
+        return progress
 
     async def _post_copy(self, job: "Job", resumed_restore: bool) -> pb.RestoreResult:
         """Everything but memory moves as in a direct migration; the destination restores at once and
@@ -195,7 +205,7 @@ class Migration:
             job.id, ckpt_id, self.service.repository.url, self.container, progress, self.source, fetch_ticket,
             self.ignore_volumes, post_copy=True, page_ticket=page_ticket))
         dump = asyncio.ensure_future(self.source.checkpoint(
-            job.id, self.container, False, self.service.repository.url, lambda p: job.publish(p), direct=True,
+            job.id, self.container, False, self.service.repository.url, self._source_progress(job), direct=True,
             checkpoint_id=ckpt_id, ignore_volumes=self.ignore_volumes, post_copy=True))
         # A failed side is reported by the rollback; the source's dump ends when the rollback resumes it.
         dump.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -226,7 +236,7 @@ class Migration:
         else:
             async with self.jobs.phase(job, "checkpoint"):
                 summary = await self.source.checkpoint(job.id, self.container, False, self.service.repository.url,
-                                                       lambda p: job.publish(p), ignore_volumes=self.ignore_volumes)
+                                                       self._source_progress(job), ignore_volumes=self.ignore_volumes)
             self.service.record(summary)
             ckpt_id = job.result["checkpoint_id"] = summary.id
             for t in summary.timings:
