@@ -210,6 +210,9 @@ class PodmanRuntime(Runtime):
             return ""
         return " | ".join(errors[-3:])
 
+    def post_copy_ended(self, container_id: str) -> None:
+        self._clear_requests(container_id, "daemon", "lazy.log")
+
     async def resume(self, name: str) -> None:
         check_name(name)
         out = await self._podman("container", "restore", name, *CARRY, timeout=DUMP_TIMEOUT, check=False)

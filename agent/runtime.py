@@ -92,6 +92,10 @@ class Runtime(abc.ABC):
         """Why this host's lazy-pages daemon for the container failed ('' if it did not)."""
         return ""
 
+    def post_copy_ended(self, container_id: str) -> None:
+        """The destination's copy is over (complete or not): forget its daemon's traces."""
+        return None
+
     @abc.abstractmethod
     async def resume(self, name: str) -> None:
         """Restore a container from the checkpoint its own last dump left on this host."""

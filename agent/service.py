@@ -461,6 +461,7 @@ class AgentService:
         stage = ""
         timings: dict[str, float] = {}
         image_task = None
+        relay = None
         try:
             stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
             if need_image and (receiver is None or manifest.image is not None):
@@ -485,7 +486,6 @@ class AgentService:
                 await image_task
             failpoints.hit("restore.before_runtime")
             emit("restore", f"restoring {name} with CRIU", 0, 0)
-            relay = None
             if receiver is not None and receiver.post_copy:
                 relay = await self._relay_from(receiver, manifest, name)
             stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
@@ -508,11 +508,14 @@ class AgentService:
                 received = await relay.done
                 timings["pages"] = time.monotonic() - started
                 log.info("post-copy complete", container=name, bytes=received, seconds=round(timings["pages"], 3))
-                self._relays.pop(name, None)
             log.info("checkpoint restored", checkpoint=manifest.id, container=name,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return RestoreOutcome(info, timings)
         finally:
+            if relay is not None and not relay.done.done():   # the restore failed: the source resumes
+                relay.abort(f"the post-copy restore of {name} on {self.host_name} failed")
+            if relay is not None:
+                self._relays.pop(name, None)
             if image_task is not None:
                 await asyncio.gather(image_task, return_exceptions=True)
             if stage:
@@ -525,6 +528,7 @@ class AgentService:
         relay = pages.DestinationRelay(self.transport, receiver.peer_host, receiver.peer_address, manifest.id,
                                        receiver.page_ticket,
                                        lambda: self.runtime.post_copy_failure(manifest.container.id))
+        relay.done.add_done_callback(lambda _f: self.runtime.post_copy_ended(manifest.container.id))
         self._relays[name] = relay
         return relay
 

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from stasis import __version__
-from stasis.controller import security_cli
+from stasis.controller import forensics_cli, security_cli
 from stasis.errors import FailedPrecondition, InvalidArgument, StasisError, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
@@ -808,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="how many (default %(default)s)")
 
     security_cli.add_commands(sub, common, add)
+    forensics_cli.add_commands(sub, common, add)
 
     p = add("repo", "work on a repository directly (no controller needed)", None)
     rsub = p.add_subparsers(dest="repo_command", required=True, metavar="COMMAND")

@@ -27,6 +27,8 @@ def open_checkpoint(args) -> Iterator[Any]:
     if not args.repo:
         raise InvalidArgument("name the repository: --repo file:///path or s3://bucket/prefix, "
                               "or set STASIS_REPOSITORY")
+    if args.workdir and not os.path.isdir(args.workdir):
+        raise InvalidArgument(f"--workdir {args.workdir}: no such folder")
     repo = Repository.open(args.repo, read_password(args.password_file, prompt=True))
     ckpt = _decoding(lambda: Checkpoint.open(repo, args.checkpoint, workdir=args.workdir))
     try:

@@ -108,30 +108,38 @@ def test_a_byte_damaged_in_transit_is_refused_and_the_source_keeps_running(clust
     assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
 
 
-def test_killing_the_destination_agent_during_the_transfer_leaves_the_source_running(cluster):
+def _kill_destination_in_phase(cluster, tag: str, mib: int, phase: str, *flags: str) -> tuple[dict, dict, str]:
+    """Migrate a fresh workload to a host of its own and SIGKILL that host's agent once the job
+    reaches `phase`; (the job, the workload's status before, its name)."""
     a = cluster.hosts["host-a"]
-    dst = cluster.add_host(f"host-kill-{cluster.backend}")
+    dst = cluster.add_host(f"host-{tag}-{cluster.backend}")
     cluster.wait_hosts_up([dst.name])
-    web = name("kill")
-    a.run_workload(web, 256)
+    web = name(tag)
+    a.run_workload(web, mib)
     before = a.status(web)
     proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
-                     "--to", dst.name, "--json"], env={**cluster.env}, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+                     "--to", dst.name, *flags, "--json"], env={**cluster.env}, stdout=sp.PIPE, stderr=sp.PIPE,
+                    text=True)
     try:
-        # Wait until the destination is receiving, then kill it outright.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             jobs = [j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web]
-            if jobs and jobs[0]["phase"] == "restore":
+            if jobs and jobs[0]["phase"] == phase:
                 break
             time.sleep(0.05)
-        assert jobs and jobs[0]["phase"] == "restore", jobs
+        assert jobs and jobs[0]["phase"] == phase, jobs
         dst.proc.kill()
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    job = json.loads(out)
+    return json.loads(out), before, web
+
+
+def test_killing_the_destination_agent_during_the_transfer_leaves_the_source_running(cluster):
+    a = cluster.hosts["host-a"]
+    # Killed while the destination is receiving.
+    job, before, web = _kill_destination_in_phase(cluster, "kill", 256, "restore")
     # Rolled back; the dead destination's clean-up is reported, not hidden.
     assert job["state"] in ("rolled_back", "failed"), job
     assert "rollback" in job["timings"]
@@ -599,29 +607,8 @@ def test_post_copy_cannot_go_via_the_repository(cluster):
 
 def test_post_copy_losing_the_destination_mid_copy_resumes_the_source(cluster):
     a = cluster.hosts["host-a"]
-    dst = cluster.add_host(f"host-lazy-{cluster.backend}")
-    cluster.wait_hosts_up([dst.name])
-    web = name("lazykill")
-    a.run_workload(web, 512)
-    before = a.status(web)
-    proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
-                     "--to", dst.name, "--post-copy", "--json"], env={**cluster.env}, stdout=sp.PIPE,
-                    stderr=sp.PIPE, text=True)
-    try:
-        # The container already runs on the destination and its memory is on the way: kill it all.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            jobs = [j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web]
-            if jobs and jobs[0]["phase"] == "pages":
-                break
-            time.sleep(0.05)
-        assert jobs and jobs[0]["phase"] == "pages", jobs
-        dst.proc.kill()
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    job = json.loads(out)
+    # Killed once the container runs on the destination and its memory is on the way.
+    job, before, web = _kill_destination_in_phase(cluster, "lazykill", 512, "pages", "--post-copy")
     assert job["state"] in ("rolled_back", "failed"), job
     # The source never let go of its memory: the dump was aborted and the container resumed there.
     after = a.verify_memory(web)

@@ -1,0 +1,542 @@
+"""A checkpoint opened for investigation: its archive, fetched and unpacked safely, seen as plain dicts.
+
+The archive (podman's export tar) is hostile input. Before anything is written every member is
+checked: an absolute name, a `..` component, a link, a device or fifo, or a member or total size
+over the limits refuses the whole archive with one ArchiveError line. Only regular files named
+checkpoint/NAME.img, stats-dump, config.dump, spec.dump, deleted.files and rootfs-diff.tar are
+written, each to a name this module builds, inside a private (0700) temporary folder that
+close() removes. rootfs-diff.tar is only ever listed, never unpacked.
+
+Views (summary, processes, files, sockets, mounts, maps, stats, fs) and grep() return plain dicts
+and lists, ready for JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import shutil
+import socket
+import struct
+import tarfile
+import tempfile
+import zlib
+from typing import Any
+
+from stasis.errors import FailedPrecondition, IntegrityError, InvalidArgument
+from stasis.forensics.images import ImageError, read_image
+from stasis.forensics.memory import PAGE_SIZE, PE_PARENT, PE_PRESENT, ProcessMemory
+
+IMG_NAME = re.compile(r"checkpoint/([A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.img)")
+TOP_FILES = ("stats-dump", "config.dump", "spec.dump", "deleted.files", "rootfs-diff.tar")
+SMALL_FILES = {"config.dump": 16 << 20, "spec.dump": 16 << 20, "deleted.files": 16 << 20, "stats-dump": 1 << 20}
+MAX_MEMBER = 64 << 30          # one file of the archive (pages of a big process)
+MAX_TOTAL = 256 << 30          # everything extracted
+MAX_MEMBERS = 200_000          # tar headers read, extracted or not
+MAX_FS_ENTRIES = 1_000_000     # rootfs-diff.tar entries listed
+MAX_ARGS = 1 << 20             # argv / environment bytes read per process
+MAX_HITS = 1000
+
+TASK_STATES = {1: "alive", 2: "dead", 3: "stopped", 4: "helper", 6: "zombie"}
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+              7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
+IP_PROTOS = {6: "tcp", 17: "udp", 136: "udplite", 1: "icmp", 58: "icmpv6", 255: "raw"}
+
+
+class ArchiveError(IntegrityError):
+    """A checkpoint archive is malformed or hostile; nothing of it was used."""
+
+
+def check_member(member: tarfile.TarInfo) -> str | None:
+    """Where a member goes (a relative name this module chose), None to skip it; ArchiveError if hostile."""
+    raw = member.name
+    shown = repr(raw[:120])
+    if not raw or "\0" in raw or "\\" in raw:
+        raise ArchiveError(f"the checkpoint archive has a member with a malformed name {shown}")
+    if raw.startswith("/"):
+        raise ArchiveError(f"the checkpoint archive has an absolute member name {shown}: refusing it")
+    parts = raw.split("/")
+    if ".." in parts:
+        raise ArchiveError(f"the checkpoint archive has a member {shown} that climbs out with '..': refusing it")
+    if member.issym() or member.islnk():
+        raise ArchiveError(f"the checkpoint archive has a link {shown} -> {member.linkname[:120]!r}: refusing it")
+    if member.isdir():
+        return None
+    if not member.isfile():
+        raise ArchiveError(f"the checkpoint archive has a device, fifo or special member {shown}: refusing it")
+    if member.size < 0 or member.size > MAX_MEMBER:
+        raise ArchiveError(f"the checkpoint archive's member {shown} is {member.size} bytes (limit {MAX_MEMBER})")
+    name = "/".join(p for p in parts if p not in ("", "."))
+    if (m := IMG_NAME.fullmatch(name)) is not None:
+        return f"checkpoint/{m.group(1)}"
+    if name in TOP_FILES:
+        if member.size > SMALL_FILES.get(name, MAX_MEMBER):
+            raise ArchiveError(f"the checkpoint archive's {name} is {member.size} bytes "
+                               f"(limit {SMALL_FILES[name]})")
+        return name
+    return None
+
+
+def extract(archive: str, dest: str) -> dict[str, int]:
+    """Unpack the wanted members of `archive` into the empty folder `dest`; {name: size} of what it wrote."""
+    os.makedirs(os.path.join(dest, "checkpoint"), mode=0o700, exist_ok=True)
+    written: dict[str, int] = {}
+    total = count = 0
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            while (member := tar.next()) is not None:
+                count += 1
+                if count > MAX_MEMBERS:
+                    raise ArchiveError(f"the checkpoint archive has more than {MAX_MEMBERS} members")
+                target = check_member(member)
+                if target is None:
+                    continue
+                total += member.size
+                if total > MAX_TOTAL:
+                    raise ArchiveError(f"the checkpoint archive holds more than {MAX_TOTAL} bytes of files")
+                if target in written:
+                    raise ArchiveError(f"the checkpoint archive holds {member.name!r} twice")
+                _copy(tar, member, os.path.join(dest, target))
+                written[target] = member.size
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ArchiveError(f"the checkpoint archive is not a readable tar file ({_first_line(e)})") from None
+    except OSError as e:
+        raise ArchiveError(f"the checkpoint archive cannot be unpacked: {e.strerror or e}") from None
+    if "checkpoint/pstree.img" not in written:
+        raise ArchiveError("the archive is not a podman checkpoint: it has no checkpoint/pstree.img")
+    return written
+
+
+def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> None:
+    src = tar.extractfile(member)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with src, os.fdopen(fd, "wb") as out:
+        left = member.size
+        while left > 0:
+            block = src.read(min(left, 1 << 20))
+            if not block:
+                raise ArchiveError(f"the checkpoint archive is truncated inside {member.name!r}")
+            out.write(block)
+            left -= len(block)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class Checkpoint:
+    """An unpacked checkpoint. Use as a context manager (or close()): the temporary folder goes away."""
+
+    def __init__(self, root: str, manifest=None, archive_size: int = 0, written: dict[str, int] | None = None):
+        self.root = root
+        self.folder = os.path.join(root, "checkpoint")
+        self.manifest = manifest
+        self.archive_size = archive_size
+        self.written = written or {}
+        self._cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def from_archive(cls, archive: str, manifest=None, workdir: str | None = None) -> "Checkpoint":
+        root = tempfile.mkdtemp(prefix="stasis-inspect-", dir=workdir)   # 0700
+        try:
+            written = extract(archive, root)
+            return cls(root, manifest, os.path.getsize(archive), written)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    @classmethod
+    def open(cls, repo, checkpoint_id: str, workdir: str | None = None, progress=None) -> "Checkpoint":
+        """Fetch (every chunk verified) and unpack a checkpoint of `repo`."""
+        manifest = repo.read_manifest(checkpoint_id)
+        if manifest.checkpoint.size == 0:
+            raise FailedPrecondition(f"checkpoint {manifest.id} went straight from agent to agent: "
+                                     f"its archive is not in {repo.url}")
+        root = tempfile.mkdtemp(prefix="stasis-fetch-", dir=workdir)
+        try:
+            archive = os.path.join(root, "checkpoint.tar")
+            try:
+                repo.fetch_file(manifest.checkpoint, archive, progress, what=f"checkpoint {manifest.id}")
+            except OSError as e:
+                raise FailedPrecondition(f"cannot fetch checkpoint {manifest.id} into {root}: "
+                                         f"{e.strerror or e}") from None
+            return cls.from_archive(archive, manifest, workdir)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ images
+
+    def _img(self, name: str, expect: str = ""):
+        path = os.path.join(self.folder, name)
+        if not os.path.exists(path):
+            return None
+        key = f"img:{name}"
+        if key not in self._cache:
+            self._cache[key] = read_image(path, name, expect)
+        return self._cache[key]
+
+    def _need(self, name: str, expect: str):
+        img = self._img(name, expect)
+        if img is None:
+            raise ImageError(f"the checkpoint lacks {name}")
+        return img
+
+    def _pstree(self) -> list:
+        return self._need("pstree.img", "pstree").entries
+
+    def _core(self, pid: int):
+        img = self._img(f"core-{pid}.img", "core")
+        return img.entries[0] if img and img.entries else None
+
+    def _ids(self, pid: int):
+        img = self._img(f"ids-{pid}.img", "ids")
+        if img and img.entries:
+            return img.entries[0]
+        core = self._core(pid)
+        return core.ids if core is not None and core.HasField("ids") else None
+
+    def _mm(self, pid: int):
+        img = self._img(f"mm-{pid}.img", "mm")
+        return img.entries[0] if img and len(img.entries) == 1 else None
+
+    def _files(self) -> dict[int, Any]:
+        if "files" not in self._cache:
+            img = self._img("files.img", "files")
+            self._cache["files"] = {e.id: e for e in img.entries} if img else {}
+        return self._cache["files"]
+
+    def _json(self, name: str) -> dict:
+        path = os.path.join(self.root, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _pids(self) -> list[int]:
+        return [e.pid for e in self._pstree()]
+
+    def _comm(self, pid: int) -> str:
+        core = self._core(pid)
+        return core.tc.comm if core is not None and core.HasField("tc") else ""
+
+    # ------------------------------------------------------------------ views
+
+    def summary(self) -> dict:
+        config, m = self._json("config.dump"), self.manifest
+        pages = 0
+        for pid in self._pids():
+            pm = self._img(f"pagemap-{pid}.img", "pagemap")
+            for e in pm.entries if pm else ():
+                flags = e.flags if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
+                pages += e.nr_pages if flags & PE_PRESENT else 0
+        uts = next((self._img(n, "utsns") for n in self._names(r"utsns-\d+\.img")), None)
+        fs = self.fs()
+        doc = {
+            "checkpoint": m.id if m else "",
+            "container": {"name": m.container.name if m else str(config.get("name", "")),
+                          "id": m.container.id if m else str(config.get("id", "")),
+                          "image": m.container.image if m else str(config.get("rootfsImageName", "")),
+                          "hostname": uts.entries[0].nodename if uts and uts.entries else ""},
+            "host": m.host if m else "", "runtime": m.runtime if m else "",
+            "runtime_version": m.runtime_version if m else "",
+            "criu_version": m.criu_version if m else "",
+            "created": m.created if m else "",
+            "container_created": str(config.get("createdTime", "")),
+            "leave_running": m.leave_running if m else None,
+            "processes": len(self._pids()),
+            "sizes": {"archive_bytes": self.archive_size, "memory_pages": pages,
+                      "memory_bytes": pages * PAGE_SIZE, "rootfs_diff_bytes": self.written.get("rootfs-diff.tar", 0),
+                      "images_bytes": sum(v for k, v in self.written.items() if k.startswith("checkpoint/"))},
+            "fs_changes": {"changed": len(fs["changed"]), "deleted": len(fs["deleted"])},
+        }
+        return doc
+
+    def processes(self, cmdline: bool = False, env: bool = False) -> list[dict]:
+        out = []
+        for e in self._pstree():
+            core = self._core(e.pid)
+            doc: dict[str, Any] = {"pid": e.pid, "ppid": e.ppid, "pgid": e.pgid, "sid": e.sid,
+                                   "threads": list(e.threads), "comm": self._comm(e.pid), "state": "",
+                                   "uid": None, "gid": None, "euid": None, "egid": None, "cap_eff": None}
+            if core is not None and core.HasField("tc"):
+                doc["state"] = TASK_STATES.get(core.tc.task_state, str(core.tc.task_state))
+            if core is not None and core.HasField("thread_core") and core.thread_core.HasField("creds"):
+                c = core.thread_core.creds
+                doc.update(uid=c.uid, gid=c.gid, euid=c.euid, egid=c.egid, groups=list(c.groups),
+                           cap_eff=f"{_caps(c.cap_eff):#x}", cap_prm=f"{_caps(c.cap_prm):#x}")
+            if cmdline or env:
+                args, environ = self._args(e.pid, cmdline, env)
+                if cmdline:
+                    doc["argv"] = args
+                if env:
+                    doc["env"] = environ
+            out.append(doc)
+        return out
+
+    def _args(self, pid: int, cmdline: bool, env: bool) -> tuple[list[str] | None, list[str] | None]:
+        mm = self._mm(pid)
+        if mm is None or not os.path.exists(os.path.join(self.folder, f"pagemap-{pid}.img")):
+            return None, None   # a zombie or a helper has no memory
+        with ProcessMemory.open(self.folder, pid) as mem:
+            def strings(start: int, end: int) -> list[str]:
+                if end <= start:
+                    return []
+                raw = mem.read(start, min(end - start, MAX_ARGS))
+                items = raw.split(b"\0")
+                if items and items[-1] == b"":
+                    items.pop()
+                return [i.decode("utf-8", "backslashreplace") for i in items]
+            return (strings(mm.mm_arg_start, mm.mm_arg_end) if cmdline else None,
+                    strings(mm.mm_env_start, mm.mm_env_end) if env else None)
+
+    def _describe(self, fid: int) -> tuple[str, str]:
+        """(type, path or description) of a file id in files.img."""
+        from stasis.forensics.criu_pb import fdinfo_pb2
+
+        f = self._files().get(fid)
+        if f is None:
+            return "unknown", f"file id {fid} (not in files.img)"
+        kind = fdinfo_pb2.fd_types.Name(f.type) if f.type in fdinfo_pb2.fd_types.values() else str(f.type)
+        if f.HasField("reg"):
+            return kind, f.reg.name
+        if f.HasField("pipe"):
+            return kind, f"pipe:[{f.pipe.pipe_id}]"
+        if f.HasField("fifo"):
+            return kind, f"fifo:[{f.fifo.pipe_id}]"
+        if f.HasField("usk"):
+            return kind, f"socket:[{f.usk.ino}]" + (f" {_unix_name(f.usk)}" if f.usk.name else "")
+        if f.HasField("isk"):
+            return kind, f"socket:[{f.isk.ino}] {_inet_local(f.isk)}"
+        if f.HasField("tty"):
+            return kind, f"tty index {f.tty.index}" if hasattr(f.tty, "index") else "tty"
+        if f.HasField("memfd"):
+            return kind, "memfd"
+        return kind, kind.lower()
+
+    def files(self) -> list[dict]:
+        out = []
+        for pid in self._pids():
+            ids = self._ids(pid)
+            fdinfo = self._img(f"fdinfo-{ids.files_id if ids else pid}.img", "fdinfo")
+            fds = []
+            for e in fdinfo.entries if fdinfo else ():
+                kind, path = self._describe(e.id)
+                fds.append({"fd": e.fd, "type": kind, "path": path, "flags": e.flags, "file_id": e.id})
+            fds.sort(key=lambda d: d["fd"])
+            fs = self._img(f"fs-{pid}.img", "fs")
+            mm = self._mm(pid)
+            out.append({"pid": pid, "comm": self._comm(pid), "fds": fds,
+                        "cwd": self._describe(fs.entries[0].cwd_id)[1] if fs and fs.entries else None,
+                        "root": self._describe(fs.entries[0].root_id)[1] if fs and fs.entries else None,
+                        "exe": self._describe(mm.exe_file_id)[1] if mm is not None else None})
+        return out
+
+    def _holders(self) -> dict[int, list[dict]]:
+        holders: dict[int, list[dict]] = {}
+        for doc in self.files():
+            for fd in doc["fds"]:
+                holders.setdefault(fd["file_id"], []).append({"pid": doc["pid"], "fd": fd["fd"]})
+        return holders
+
+    def sockets(self) -> list[dict]:
+        holders, out = self._holders(), []
+        entries = [(f.id, f.usk, None) for f in self._files().values() if f.HasField("usk")]
+        entries += [(f.id, None, f.isk) for f in self._files().values() if f.HasField("isk")]
+        for name, kind in (("unixsk.img", "unixsk"), ("inetsk.img", "inetsk")):     # CRIU before 3.x
+            img = self._img(name, kind)
+            for e in img.entries if img else ():
+                entries.append((e.id, e, None) if kind == "unixsk" else (e.id, None, e))
+        for fid, usk, isk in entries:
+            if usk is not None:
+                out.append({"family": "unix", "ino": usk.ino, "type": SOCK_TYPES.get(usk.type, str(usk.type)),
+                            "state": TCP_STATES.get(usk.state, str(usk.state)), "address": _unix_name(usk),
+                            "peer": usk.peer or None, "backlog": usk.backlog, "held_by": holders.get(fid, [])})
+            else:
+                family = "inet6" if isk.family == socket.AF_INET6 else "inet"
+                out.append({"family": family, "ino": isk.ino, "proto": IP_PROTOS.get(isk.proto, str(isk.proto)),
+                            "type": SOCK_TYPES.get(isk.type, str(isk.type)),
+                            "state": TCP_STATES.get(isk.state, str(isk.state)),
+                            "local": _addr(isk.family, isk.src_addr), "local_port": isk.src_port,
+                            "remote": _addr(isk.family, isk.dst_addr), "remote_port": isk.dst_port,
+                            "backlog": isk.backlog, "held_by": holders.get(fid, [])})
+        return out
+
+    def mounts(self) -> list[dict]:
+        from stasis.forensics.criu_pb import mnt_pb2
+
+        out = []
+        for name in self._names(r"mountpoints-\d+\.img"):
+            for e in self._img(name, "mountpoints").entries:
+                fstype = mnt_pb2.fstype.Name(e.fstype) if e.fstype in mnt_pb2.fstype.values() else str(e.fstype)
+                out.append({"mnt_id": e.mnt_id, "parent": e.parent_mnt_id, "mountpoint": e.mountpoint,
+                            "fstype": e.fsname or fstype.lower(), "source": e.source, "root": e.root,
+                            "options": e.options, "external": e.ext_key or None, "namespace": name[12:-4]})
+        out.sort(key=lambda d: (d["namespace"], d["mountpoint"]))
+        return out
+
+    def maps(self) -> list[dict]:
+        out = []
+        for pid in self._pids():
+            if self._mm(pid) is None or self._img(f"pagemap-{pid}.img", "pagemap") is None:
+                continue
+            with ProcessMemory.open(self.folder, pid) as mem:
+                dumped: dict[int, int] = {}
+                for r in mem.ranges():
+                    if r.vma is not None:
+                        dumped[r.vma.start] = dumped.get(r.vma.start, 0) + r.end - r.start
+                out.append({"pid": pid, "comm": self._comm(pid), "maps": [
+                    {"start": f"{v.start:#x}", "end": f"{v.end:#x}", "perms": v.perms, "offset": v.pgoff,
+                     "size": v.end - v.start, "dumped": dumped.get(v.start, 0), "mapping": v.label}
+                    for v in mem.vmas]})
+        return out
+
+    def stats(self) -> dict:
+        path = os.path.join(self.root, "stats-dump")
+        if not os.path.exists(path):
+            return {}
+        entries = read_image(path, "stats-dump", "stats").entries
+        if not entries or not entries[0].HasField("dump"):
+            return {}
+        return {f.name: v for f, v in entries[0].dump.ListFields()}
+
+    def fs(self) -> dict:
+        if "fs" in self._cache:
+            return self._cache["fs"]
+        changed: list[dict] = []
+        path = os.path.join(self.root, "rootfs-diff.tar")
+        if os.path.exists(path):
+            try:
+                with tarfile.open(path, "r:*") as tar:
+                    while (m := tar.next()) is not None:
+                        if len(changed) >= MAX_FS_ENTRIES:
+                            raise ArchiveError(f"rootfs-diff.tar lists more than {MAX_FS_ENTRIES} files")
+                        changed.append({"path": "/" + m.name.removeprefix("./").lstrip("/"), "type": _tar_type(m),
+                                        "size": m.size if m.isfile() else 0, "mode": f"{m.mode & 0o7777:04o}",
+                                        **({"target": m.linkname} if m.issym() or m.islnk() else {})})
+            except (tarfile.TarError, EOFError) as e:
+                raise ArchiveError(f"rootfs-diff.tar is not a readable tar file ({_first_line(e)})") from None
+        deleted, refused = [], []
+        raw = None
+        try:
+            with open(os.path.join(self.root, "deleted.files"), encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raw = []
+        except (OSError, ValueError) as e:
+            raise ArchiveError(f"deleted.files is not a JSON list of paths ({_first_line(e)})") from None
+        if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+            raise ArchiveError("deleted.files is not a JSON list of paths")
+        for p in raw:
+            if ".." in p.split("/") or "\0" in p:
+                refused.append(p)
+            else:
+                deleted.append(posixpath.normpath("/" + p.lstrip("/")))
+        self._cache["fs"] = {"changed": changed, "deleted": sorted(deleted), "refused_deletions": refused}
+        return self._cache["fs"]
+
+    def _names(self, pattern: str) -> list[str]:
+        return sorted(n for n in os.listdir(self.folder) if re.fullmatch(pattern, n))
+
+    # ------------------------------------------------------------------ memory search
+
+    def grep(self, pattern: str | bytes, regex: bool = False, pid: int | None = None, context: int = 64,
+             limit: int = MAX_HITS) -> dict:
+        if not 0 <= context <= 4096:
+            raise InvalidArgument("--context must be 0 to 4096 bytes")
+        raw = pattern.encode() if isinstance(pattern, str) else pattern
+        if not raw:
+            raise InvalidArgument("the pattern is empty")
+        if regex:
+            try:
+                needle: bytes | re.Pattern[bytes] = re.compile(raw, re.DOTALL)
+            except re.error as e:
+                raise InvalidArgument(f"the pattern is not a valid regular expression: {e}") from None
+        else:
+            needle = raw
+        pids = self._pids()
+        if pid is not None and pid not in pids:
+            raise InvalidArgument(f"the checkpoint has no process {pid} (it has {', '.join(map(str, pids))})")
+        hits, truncated = [], False
+        for p in [pid] if pid is not None else pids:
+            if self._mm(p) is None or self._img(f"pagemap-{p}.img", "pagemap") is None:
+                continue
+            with ProcessMemory.open(self.folder, p) as mem:
+                for h in mem.search(needle):
+                    if len(hits) >= limit:
+                        truncated = True
+                        break
+                    lo = max(0, h.vaddr - context)
+                    data = mem.read(lo, h.vaddr + len(h.match) + context - lo)
+                    hits.append({"pid": p, "comm": self._comm(p), "vaddr": f"{h.vaddr:#x}",
+                                 "mapping": h.vma.label if h.vma else "(outside every mapping)",
+                                 "perms": h.vma.perms if h.vma else "",
+                                 "vma": [f"{h.vma.start:#x}", f"{h.vma.end:#x}"] if h.vma else None,
+                                 "match": h.match.decode("utf-8", "backslashreplace"), "length": len(h.match),
+                                 "context_start": f"{lo:#x}", "hexdump": hexdump(data, lo)})
+            if truncated:
+                break
+        return {"pattern": raw.decode("utf-8", "backslashreplace"), "regex": regex, "hits": hits,
+                "truncated": truncated}
+
+
+def hexdump(data: bytes, base: int) -> list[str]:
+    lines = []
+    for i in range(0, len(data), 16):
+        row = data[i:i + 16]
+        hexes = " ".join(f"{b:02x}" for b in row)
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        lines.append(f"{base + i:016x}  {hexes:<47}  |{text}|")
+    return lines
+
+
+def _caps(words) -> int:
+    return sum(int(w) << (32 * i) for i, w in enumerate(words))
+
+
+def _unix_name(usk) -> str:
+    name = bytes(usk.name)
+    if not name:
+        return ""
+    if name[:1] == b"\0":      # abstract: every byte counts
+        return "@" + name[1:].decode("utf-8", "backslashreplace")
+    return name.rstrip(b"\0").decode("utf-8", "backslashreplace")
+
+
+def _addr(family: int, words) -> str:
+    raw = b"".join(struct.pack("<I", w) for w in words)
+    try:
+        if family == socket.AF_INET6:
+            return socket.inet_ntop(socket.AF_INET6, raw.ljust(16, b"\0")[:16])
+        return socket.inet_ntop(socket.AF_INET, raw.ljust(4, b"\0")[:4])
+    except (OSError, ValueError):
+        return raw.hex()
+
+
+def _inet_local(isk) -> str:
+    proto = IP_PROTOS.get(isk.proto, str(isk.proto))
+    return f"{proto} {_addr(isk.family, isk.src_addr)}:{isk.src_port}"
+
+
+def _tar_type(m: tarfile.TarInfo) -> str:
+    for test, name in ((m.isfile, "file"), (m.isdir, "dir"), (m.issym, "symlink"), (m.islnk, "hardlink"),
+                       (m.ischr, "char"), (m.isblk, "block"), (m.isfifo, "fifo")):
+        if test():
+            return name
+    return "other"
