@@ -90,6 +90,7 @@ class DestinationRelay:
         self.ckpt_id, self.ticket = ckpt_id, ticket
         self.failure = failure   # why the daemon failed, from its log ('' when it did not)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.connected = asyncio.Event()   # the daemon came: the restored process asked for memory
         self._server: asyncio.AbstractServer | None = None
         self._call = None
         self.bytes = 0
@@ -111,6 +112,7 @@ class DestinationRelay:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._server is not None
         self._server.close()   # the daemon connects once
+        self.connected.set()
         channel = self.transport.aio_channel(self.peer_address, agent_server_name(self.peer_host))
         self._call = call = pb_grpc.AgentStub(channel).RelayPages()
         try:

@@ -43,6 +43,9 @@ Emit = Callable[[str, str, int, int], None]
 
 # A direct checkpoint is not in the repository: its summary states the archive's size in this tag.
 DIRECT_TAG = "direct_archive_bytes"
+# Seconds a post-copy restore waits for its lazy-pages daemon to ask for memory before giving up
+# (the source then resumes): a restored process touches memory at once.
+DAEMON_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -505,6 +508,11 @@ class AgentService:
                 # The call ends once every page has arrived, so the controller commits only a
                 # complete container.
                 started = time.monotonic()
+                try:
+                    await asyncio.wait_for(relay.connected.wait(), DAEMON_WAIT)
+                except asyncio.TimeoutError:
+                    raise RuntimeFailure(f"CRIU's lazy-pages daemon on {self.host_name} never asked for "
+                                         f"{name}'s memory within {DAEMON_WAIT:.0f} s") from None
                 received = await relay.done
                 timings["pages"] = time.monotonic() - started
                 log.info("post-copy complete", container=name, bytes=received, seconds=round(timings["pages"], 3))

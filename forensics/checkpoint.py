@@ -13,6 +13,7 @@ and lists, ready for JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -23,9 +24,9 @@ import struct
 import tarfile
 import tempfile
 import zlib
-from typing import Any
+from typing import Any, BinaryIO
 
-from stasis.errors import FailedPrecondition, IntegrityError, InvalidArgument
+from stasis.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from stasis.forensics.images import ImageError, read_image
 from stasis.forensics.memory import PAGE_SIZE, PE_PARENT, PE_PRESENT, ProcessMemory
 
@@ -38,6 +39,8 @@ MAX_MEMBERS = 200_000          # tar headers read, extracted or not
 MAX_FS_ENTRIES = 1_000_000     # rootfs-diff.tar entries listed
 MAX_ARGS = 1 << 20             # argv / environment bytes read per process
 MAX_HITS = 1000
+MAX_DUMP_FILE = 4 << 30        # dump-file: one changed file
+MAX_DUMP_MEMORY = 1 << 30      # dump-memory: one span
 
 TASK_STATES = {1: "alive", 2: "dead", 3: "stopped", 4: "helper", 6: "zombie"}
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
@@ -52,6 +55,22 @@ class ArchiveError(IntegrityError):
 
 def check_member(member: tarfile.TarInfo) -> str | None:
     """Where a member goes (a relative name this module chose), None to skip it; ArchiveError if hostile."""
+    name = checked_name(member)
+    if name is None:
+        return None
+    if (m := IMG_NAME.fullmatch(name)) is not None:
+        return f"checkpoint/{m.group(1)}"
+    if name in TOP_FILES:
+        if member.size > SMALL_FILES.get(name, MAX_MEMBER):
+            raise ArchiveError(f"the checkpoint archive's {name} is {member.size} bytes "
+                               f"(limit {SMALL_FILES[name]})")
+        return name
+    return None
+
+
+def checked_name(member: tarfile.TarInfo) -> str | None:
+    """A member's normalised relative name once its shape is safe (no absolute name, no '..', no link,
+    no device, within the size limit); None for a folder. ArchiveError if hostile."""
     raw = member.name
     shown = repr(raw[:120])
     if not raw or "\0" in raw or "\\" in raw:
@@ -69,15 +88,7 @@ def check_member(member: tarfile.TarInfo) -> str | None:
         raise ArchiveError(f"the checkpoint archive has a device, fifo or special member {shown}: refusing it")
     if member.size < 0 or member.size > MAX_MEMBER:
         raise ArchiveError(f"the checkpoint archive's member {shown} is {member.size} bytes (limit {MAX_MEMBER})")
-    name = "/".join(p for p in parts if p not in ("", "."))
-    if (m := IMG_NAME.fullmatch(name)) is not None:
-        return f"checkpoint/{m.group(1)}"
-    if name in TOP_FILES:
-        if member.size > SMALL_FILES.get(name, MAX_MEMBER):
-            raise ArchiveError(f"the checkpoint archive's {name} is {member.size} bytes "
-                               f"(limit {SMALL_FILES[name]})")
-        return name
-    return None
+    return "/".join(p for p in parts if p not in ("", "."))
 
 
 def extract(archive: str, dest: str) -> dict[str, int]:
@@ -240,12 +251,7 @@ class Checkpoint:
 
     def summary(self) -> dict:
         config, m = self._json("config.dump"), self.manifest
-        pages = 0
-        for pid in self._pids():
-            pm = self._img(f"pagemap-{pid}.img", "pagemap")
-            for e in pm.entries if pm else ():
-                flags = e.flags if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
-                pages += e.nr_pages if flags & PE_PRESENT else 0
+        pages = sum(self.memory_pages().values())
         uts = next((self._img(n, "utsns") for n in self._names(r"utsns-\d+\.img")), None)
         fs = self.fs()
         doc = {
@@ -267,6 +273,17 @@ class Checkpoint:
             "fs_changes": {"changed": len(fs["changed"]), "deleted": len(fs["deleted"])},
         }
         return doc
+
+    def memory_pages(self) -> dict[int, int]:
+        """pid → pages CRIU wrote to this checkpoint's pages images (0 for a process without memory)."""
+        out = {}
+        for pid in self._pids():
+            pm, pages = self._img(f"pagemap-{pid}.img", "pagemap"), 0
+            for e in pm.entries if pm else ():
+                flags = e.flags if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
+                pages += e.nr_pages if flags & PE_PRESENT else 0
+            out[pid] = pages
+        return out
 
     def processes(self, cmdline: bool = False, env: bool = False) -> list[dict]:
         out = []
@@ -454,6 +471,99 @@ class Checkpoint:
     def _names(self, pattern: str) -> list[str]:
         return sorted(n for n in os.listdir(self.folder) if re.fullmatch(pattern, n))
 
+    # ------------------------------------------------------------------ extraction
+
+    def dump_file(self, path: str, out: BinaryIO, limit: int = MAX_DUMP_FILE) -> dict:
+        """Copy the changed file `path` (absolute, in the container) out of rootfs-diff.tar into `out`.
+
+        Only a regular file within `limit` bytes is copied; a link, folder or device is refused, and
+        so is any member whose name climbs with '..'. The last member of that name wins, as when
+        podman unpacks the tar.
+        """
+        if not path.startswith("/") or "\0" in path:
+            raise InvalidArgument(f"{path!r}: give the file's absolute path in the container, like /etc/passwd")
+        if ".." in path.split("/"):
+            raise InvalidArgument(f"{path!r}: a path in the container has no '..'")
+        want = "/" + posixpath.normpath(path).lstrip("/")
+        tar_path = os.path.join(self.root, "rootfs-diff.tar")
+        if not os.path.exists(tar_path):
+            raise NotFound(f"{want}: the checkpoint holds no filesystem changes (no rootfs-diff.tar); "
+                           f"its files are the image's")
+        try:
+            with tarfile.open(tar_path, "r:*") as tar:
+                found, count = None, 0
+                while (m := tar.next()) is not None:
+                    count += 1
+                    if count > MAX_FS_ENTRIES:
+                        raise ArchiveError(f"rootfs-diff.tar lists more than {MAX_FS_ENTRIES} files")
+                    if ".." in m.name.split("/") or "\0" in m.name:
+                        continue
+                    if "/" + posixpath.normpath(m.name).lstrip("/") == want:
+                        found = m
+                if found is None:
+                    if want in self.fs()["deleted"]:
+                        raise NotFound(f"{want} was deleted in the container: the checkpoint has no content for it")
+                    raise NotFound(f"{want} is not among the checkpoint's changed files (the others are the "
+                                   f"image's); list them with 'stasis inspect ID --fs'")
+                if found.issym() or found.islnk():
+                    kind = "a symlink" if found.issym() else "a hard link"
+                    raise FailedPrecondition(f"{want} is {kind} to {found.linkname[:200]!r} in the checkpoint: "
+                                             f"dump-file copies regular files only (dump the target instead)")
+                if not found.isfile():
+                    raise FailedPrecondition(f"{want} is a {_tar_type(found)} in the checkpoint, not a regular "
+                                             f"file: dump-file copies regular files only")
+                if found.size > limit:
+                    raise FailedPrecondition(f"{want} is {found.size} bytes, over the limit of {limit}")
+                digest, left = hashlib.sha256(), found.size
+                src = tar.extractfile(found)
+                with src:
+                    while left > 0:
+                        block = src.read(min(left, 1 << 20))
+                        if not block:
+                            raise ArchiveError(f"rootfs-diff.tar is truncated inside {want}")
+                        out.write(block)
+                        digest.update(block)
+                        left -= len(block)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise ArchiveError(f"rootfs-diff.tar is not a readable tar file ({_first_line(e)})") from None
+        return {"checkpoint": self.manifest.id if self.manifest else "", "path": want, "size": found.size,
+                "mode": f"{found.mode & 0o7777:04o}", "uid": found.uid, "gid": found.gid, "mtime": found.mtime,
+                "sha256": digest.hexdigest()}
+
+    def dump_memory(self, pid: int, addr: int, length: int, out: BinaryIO, limit: int = MAX_DUMP_MEMORY) -> dict:
+        """Write `length` bytes of process `pid`'s memory from `addr` into `out`.
+
+        Bytes the checkpoint lacks are written as zeros and listed in "missing", each span with why:
+        "not dumped" (mapped, but CRIU did not write those pages: never touched, or a clean file
+        page) or "not mapped" (no mapping there at all).
+        """
+        if not 1 <= length <= limit:
+            raise InvalidArgument(f"--len must be 1 to {limit} bytes; dump a larger span in pieces")
+        pids = self._pids()
+        if pid not in pids:
+            raise InvalidArgument(f"the checkpoint has no process {pid} (it has {', '.join(map(str, pids))})")
+        if self._mm(pid) is None or self._img(f"pagemap-{pid}.img", "pagemap") is None:
+            raise FailedPrecondition(f"process {pid} has no dumped memory (a zombie or a helper)")
+        with ProcessMemory.open(self.folder, pid) as mem:
+            holes = mem.holes(addr, length)          # also refuses a span beyond 64 bits
+            digest, pos, end = hashlib.sha256(), addr, addr + length
+            while pos < end:
+                data = mem.read(pos, min(16 << 20, end - pos))
+                out.write(data)
+                digest.update(data)
+                pos += len(data)
+            missing = []
+            for lo, hi in holes:
+                for a, b, vma in _split_by_vmas(mem.vmas, lo, hi):
+                    missing.append({"start": f"{a:#x}", "end": f"{b:#x}", "length": b - a,
+                                    "why": "not dumped" if vma else "not mapped",
+                                    "mapping": f"{vma.label} {vma.perms}" if vma else None})
+            mappings = [{"start": f"{v.start:#x}", "end": f"{v.end:#x}", "perms": v.perms, "mapping": v.label}
+                        for v in mem.vmas if v.start < end and v.end > addr]
+        return {"checkpoint": self.manifest.id if self.manifest else "", "pid": pid, "comm": self._comm(pid),
+                "addr": f"{addr:#x}", "length": length, "dumped_bytes": length - sum(m["length"] for m in missing),
+                "missing": missing, "mappings": mappings, "sha256": digest.hexdigest()}
+
     # ------------------------------------------------------------------ memory search
 
     def grep(self, pattern: str | bytes, regex: bool = False, pid: int | None = None, context: int = 64,
@@ -494,6 +604,24 @@ class Checkpoint:
                 break
         return {"pattern": raw.decode("utf-8", "backslashreplace"), "regex": regex, "hits": hits,
                 "truncated": truncated}
+
+
+def _split_by_vmas(vmas, lo: int, hi: int) -> list[tuple[int, int, Any]]:
+    """[lo, hi) cut into (start, end, the mapping or None) pieces."""
+    out, pos = [], lo
+    for v in vmas:
+        if v.end <= pos:
+            continue
+        if v.start >= hi:
+            break
+        if v.start > pos:
+            out.append((pos, v.start, None))
+        stop = min(v.end, hi)
+        out.append((max(v.start, pos), stop, v))
+        pos = stop
+    if pos < hi:
+        out.append((pos, hi, None))
+    return out
 
 
 def hexdump(data: bytes, base: int) -> list[str]:

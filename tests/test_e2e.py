@@ -608,7 +608,7 @@ def test_post_copy_cannot_go_via_the_repository(cluster):
 def test_post_copy_losing_the_destination_mid_copy_resumes_the_source(cluster):
     a = cluster.hosts["host-a"]
     # Killed once the container runs on the destination and its memory is on the way.
-    job, before, web = _kill_destination_in_phase(cluster, "lazykill", 512, "pages", "--post-copy")
+    job, before, web = _kill_destination_in_phase(cluster, "lazykill", 1024, "pages", "--post-copy")
     assert job["state"] in ("rolled_back", "failed"), job
     # The source never let go of its memory: the dump was aborted and the container resumed there.
     after = a.verify_memory(web)

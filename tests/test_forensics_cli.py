@@ -392,3 +392,333 @@ def test_damaged_real_images_only_raise_one_line_errors(stored, tmp_path):
                     assert "\n" not in str(e)
             with open(path, "wb") as f:
                 f.write(original)
+
+
+# --- dump-file, dump-memory, diff, export, import (fx3) ---------------------------------------------
+
+def fake_checkpoint(root, members: list[tuple[tarfile.TarInfo, bytes]]) -> Checkpoint:
+    """A Checkpoint whose rootfs-diff.tar holds exactly `members` (no CRIU images: dump_file needs none)."""
+    os.makedirs(root / "checkpoint", exist_ok=True)
+    with tarfile.open(root / "rootfs-diff.tar", "w") as t:
+        for info, data in members:
+            info.size = len(data) if info.isfile() else 0
+            t.addfile(info, io.BytesIO(data))
+    (root / "deleted.files").write_text('["/etc/gone"]')
+    return Checkpoint(str(root))
+
+
+def test_dump_file_copies_regular_files_only(tmp_path):
+    from stasis.errors import FailedPrecondition, InvalidArgument, NotFound
+
+    ckpt = fake_checkpoint(tmp_path / "ck", [
+        (member("tmp/a.txt"), b"first"), (member("./tmp/a.txt"), b"second"),      # the last one wins
+        (member("tmp/link", tarfile.SYMTYPE, link="/etc/shadow"), b""),
+        (member("tmp/hard", tarfile.LNKTYPE, link="tmp/a.txt"), b""),
+        (member("tmp/dir", tarfile.DIRTYPE), b""), (member("tmp/fifo", tarfile.FIFOTYPE), b""),
+        (member("tmp/../etc/sneaky"), b"x"), (member("tmp/big"), b"y" * 100)])
+    out = io.BytesIO()
+    doc = ckpt.dump_file("/tmp//a.txt", out)
+    assert out.getvalue() == b"second" and doc["path"] == "/tmp/a.txt" and doc["size"] == 6
+    for path, error, message in (
+            ("/tmp/link", FailedPrecondition, "is a symlink to '/etc/shadow'"),
+            ("/tmp/hard", FailedPrecondition, "is a hard link to 'tmp/a.txt'"),
+            ("/tmp/dir", FailedPrecondition, "is a dir in the checkpoint, not a regular file"),
+            ("/tmp/fifo", FailedPrecondition, "is a fifo in the checkpoint"),
+            ("/etc/sneaky", NotFound, "is not among the checkpoint's changed files"),   # '..' members never match
+            ("/etc/gone", NotFound, "was deleted in the container"),
+            ("tmp/a.txt", InvalidArgument, "give the file's absolute path"),
+            ("/tmp/../etc/passwd", InvalidArgument, "has no '..'")):
+        with pytest.raises(error) as err:
+            ckpt.dump_file(path, io.BytesIO())
+        assert message in str(err.value), (path, str(err.value))
+    with pytest.raises(FailedPrecondition, match="is 100 bytes, over the limit of 99"):
+        ckpt.dump_file("/tmp/big", io.BytesIO(), limit=99)
+
+
+def test_safe_output_never_follows_or_clobbers(tmp_path):
+    from stasis.errors import AlreadyExists
+    from stasis.forensics.transfer import safe_output
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    link = tmp_path / "out"
+    link.symlink_to(victim)
+    with pytest.raises(AlreadyExists, match="exists: give --force"):
+        with safe_output(str(link)) as (f, _):
+            f.write(b"x")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(AlreadyExists):
+        with safe_output(str(dangling)) as (f, _):
+            f.write(b"x")
+    assert not (tmp_path / "nowhere").exists()
+    with safe_output(str(link), force=True) as (f, _):
+        f.write(b"new")
+    assert victim.read_text() == "precious" and not link.is_symlink() and link.read_bytes() == b"new"
+    assert oct(link.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(RuntimeError):
+        with safe_output(str(tmp_path / "half")) as (f, _):
+            f.write(b"partial")
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "out", "victim"]
+
+
+@pytest.mark.e2e
+def test_dump_file_and_dump_memory(stored, stasis, tmp_path):
+    m, url = stored["manifest"], stored["repo"].url
+    out = tmp_path / "marker"
+    rc, text, err = stasis("dump-file", m.id, "/tmp/fx2-marker", "-o", str(out), "--repo", url)
+    assert rc == 0, err
+    assert out.read_bytes() == b"fx2-marker-data\n" and f"to {out}: 16 bytes, mode 0644" in text
+    rc, _, err = stasis("dump-file", m.id, "/tmp/fx2-marker", "-o", str(out), "--repo", url)
+    assert rc == 1 and err == f"stasis: error: {out} exists: give --force to replace it\n"
+    rc, text, _ = stasis("dump-file", m.id, "/tmp/fx2-marker", "-o", str(out), "--force", "--json", "--repo", url)
+    assert rc == 0 and json.loads(text)["sha256"] == __import__("hashlib").sha256(b"fx2-marker-data\n").hexdigest()
+    rc, _, err = stasis("dump-file", m.id, "/bin/arch", "-o", str(tmp_path / "arch"), "--repo", url)
+    assert rc == 1 and err == "stasis: error: /bin/arch was deleted in the container: the checkpoint has no " \
+                              "content for it\n"
+    assert sorted(os.listdir(tmp_path)) == ["marker"]          # a failure leaves nothing behind
+
+    rc, text, _ = stasis("grep", m.id, stored["heap"], "--json", "--repo", url)
+    hit = json.loads(text)["hits"][0]
+    vma_start, vma_end = (int(x, 16) for x in hit["vma"])
+    rc, text, err = stasis("dump-memory", m.id, "--pid", str(hit["pid"]), "--addr", hit["vaddr"], "--len", "32",
+                           "-o", str(tmp_path / "secret.bin"), "--json", "--repo", url)
+    assert rc == 0, err
+    doc = json.loads(text)
+    assert (tmp_path / "secret.bin").read_bytes()[:len(stored["heap"])] == stored["heap"].encode()
+    assert doc["missing"] == [] and doc["dumped_bytes"] == 32 and doc["mappings"][0]["mapping"] == "[heap]"
+    # The whole heap and a page past its end: untouched heap pages are "not dumped", past the end "not mapped".
+    span = vma_end - vma_start + 4096
+    rc, text, err = stasis("dump-memory", m.id, "--pid", str(hit["pid"]), "--addr", hex(vma_start), "--len",
+                           str(span), "-o", str(tmp_path / "heap.bin"), "--repo", url, "--json")
+    assert rc == 0, err
+    doc = json.loads(text)
+    assert os.path.getsize(tmp_path / "heap.bin") == span
+    assert doc["missing"][-1] == {"start": hex(vma_end), "end": hex(vma_end + 4096), "length": 4096,
+                                  "why": "not mapped", "mapping": None}
+    assert doc["dumped_bytes"] == span - sum(x["length"] for x in doc["missing"]) > 0
+    data = (tmp_path / "heap.bin").read_bytes()
+    for x in doc["missing"]:
+        assert data[int(x["start"], 16) - vma_start:int(x["end"], 16) - vma_start].count(0) == x["length"]
+    rc, text, _ = stasis("dump-memory", m.id, "--pid", str(hit["pid"]), "--addr", hex(vma_start), "--len",
+                         str(span), "-o", str(tmp_path / "heap2.bin"), "--repo", url)
+    assert rc == 0 and f"zeros  {hex(vma_end)}-{hex(vma_end + 4096)} (4096 bytes): not mapped" in text
+    for args, message in ((("--len", str(2 << 30)), "--len must be 1 to 1073741824 bytes"),
+                          (("--len", "ten"), "--len 'ten' is not a number"),
+                          (("--len", "16", "--pid", "99999"), "has no process 99999")):
+        full = ["--pid", str(hit["pid"]), "--addr", hit["vaddr"], *args]
+        rc, _, err = stasis("dump-memory", m.id, *full, "-o", str(tmp_path / "x"), "--repo", url)
+        assert rc == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def run_fx3(script: str) -> str:
+    from stasis.testbed.images import rootfs_tar
+
+    if podman("image", "exists", IMAGE, check=False).returncode != 0:
+        podman("import", "--quiet", rootfs_tar(with_workload=False), IMAGE)
+    name = f"fx3-{secrets.token_hex(4)}"
+    podman("run", "-d", "--network", "none", "--name", name, IMAGE, "sh", "-c", script)
+    return name
+
+
+def wait_comms(name: str, want: list[str]) -> dict[str, list[int]]:
+    deadline = time.monotonic() + 30
+    while True:
+        top = podman("top", name, "pid", "comm", check=False).stdout
+        comms: dict[str, list[int]] = {}
+        for line in top.splitlines()[1:]:
+            pid, comm = line.split()[:2]
+            comms.setdefault(comm, []).append(int(pid))
+        if sorted(c for c, pids in comms.items() for _ in pids) == sorted(want):
+            return comms
+        assert time.monotonic() < deadline, f"the container's processes never became {want}: {top}"
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_diff_between_two_checkpoints_of_a_changing_container(real_stack, tmp_path, stasis):
+    script = ("mkfifo /tmp/go; sleep 1000 & read x < /tmp/go; exec 4</etc/passwd; echo new > /tmp/fx3-new; "
+              "httpd -f -p 127.0.0.1:8081 & sleep 2000 & wait")
+    name = run_fx3(script)
+    try:
+        wait_comms(name, ["sh", "sleep"])
+        podman("container", "checkpoint", name, "--leave-running", "--export", str(tmp_path / "a.tar"),
+               "--compress", "none")
+        podman("exec", name, "sh", "-c", "echo go > /tmp/go")
+        comms = wait_comms(name, ["sh", "sleep", "sleep", "httpd"])
+        podman("container", "checkpoint", name, "--leave-running", "--export", str(tmp_path / "b.tar"),
+               "--compress", "none")
+    finally:
+        podman("rm", "-f", name, check=False)
+    repo = Repository.init(f"file://{tmp_path}/repo", PASSWORD)
+    a, b = store(repo, str(tmp_path / "a.tar"), name), store(repo, str(tmp_path / "b.tar"), name)
+    rc, out, err = stasis("diff", a.id, b.id[:8], "--repo", repo.url, "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["a"]["checkpoint"] == a.id and doc["b"]["checkpoint"] == b.id and doc["same_container"]
+    assert not doc["identical"]
+    sh, httpd = comms["sh"][0], comms["httpd"][0]
+    added = {p["pid"]: (p["ppid"], p["comm"], p["argv"]) for p in doc["processes"]["added"]}
+    sleep2000 = next(pid for pid, (_, _, argv) in added.items() if argv == ["sleep", "2000"])
+    assert added == {httpd: (sh, "httpd", ["httpd", "-f", "-p", "127.0.0.1:8081"]),
+                     sleep2000: (sh, "sleep", ["sleep", "2000"])}
+    assert doc["processes"]["removed"] == [] and doc["processes"]["changed"] == []
+    files = {f["pid"]: f for f in doc["files"]}
+    assert list(files) == [sh]                          # the first sleep's files did not change
+    assert {"fd": 4, "type": "REG", "path": "/etc/passwd"} in files[sh]["added"]
+    assert doc["sockets"] == {"added": ["tcp stream LISTEN 127.0.0.1:8081 -> 0.0.0.0:0"], "removed": []}
+    mem = {x["pid"]: x for x in doc["memory"]}
+    assert set(mem) == {sh, comms["sleep"][0], comms["sleep"][1], httpd}
+    assert mem[httpd]["pages_before"] is None and mem[httpd]["pages_after"] > 0
+    assert mem[httpd]["delta"] == mem[httpd]["pages_after"]
+    assert [f["path"] for f in doc["fs"]["added"]] == ["/tmp/fx3-new"] and doc["fs"]["added"][0]["size"] == 4
+    assert doc["fs"]["removed"] == [] and doc["fs"]["deleted_added"] == []
+    rc, out, _ = stasis("diff", a.id, b.id, "--repo", repo.url)
+    assert rc == 0 and f"  + {httpd} (parent {sh}) httpd: httpd -f -p 127.0.0.1:8081" in out
+    assert f"  + {sh} (sh) fd 4 REG /etc/passwd" in out and "  + /tmp/fx3-new (file, 4 bytes)" in out
+    assert "  + tcp stream LISTEN 127.0.0.1:8081" in out
+    rc, out, _ = stasis("diff", a.id, a.id, "--repo", repo.url, "--json")
+    assert rc == 0 and json.loads(out)["identical"]
+
+
+def restore_and_remove(archive: str) -> None:
+    """`podman container restore --import` the archive under a fresh fx3- name; it must run; remove it."""
+    name = f"fx3-{secrets.token_hex(4)}"
+    try:
+        r = podman("container", "restore", "--import", archive, "--name", name, check=False)
+        assert r.returncode == 0, r.stderr
+        state = podman("inspect", name, "--format", "{{.State.Status}}").stdout.strip()
+        assert state == "running"
+        assert "sleep" in podman("top", name, "comm").stdout
+    finally:
+        podman("rm", "-f", name, check=False)
+
+
+@pytest.mark.e2e
+def test_export_is_a_podman_archive(stored, stasis, tmp_path):
+    m, url = stored["manifest"], stored["repo"].url
+    out = tmp_path / "ckpt.tar"
+    rc, text, err = stasis("export", m.id, "-o", str(out), "--repo", url, "--json")
+    assert rc == 0, err
+    doc = json.loads(text)
+    assert doc["size"] == stored["archive_size"] == os.path.getsize(out)
+    assert out.read_bytes() == (stored["tmp"] / "ckpt.tar").read_bytes()
+    rc, _, err = stasis("export", m.id, "-o", str(out), "--repo", url)
+    assert rc == 1 and err == f"stasis: error: {out} exists: give --force to replace it\n"
+    restore_and_remove(str(out))
+
+
+MALICIOUS = {
+    "dotdot": lambda: [(member("../fx3-escaped"), b"pwned")],
+    "absolute": lambda: [(member("/tmp/fx3-absolute-escape"), b"pwned")],
+    "symlink": lambda: [(member("checkpoint/core-1.img", tarfile.SYMTYPE, link="/etc/passwd"), b"")],
+    "hardlink": lambda: [(member("rootfs-diff.tar", tarfile.LNKTYPE, link="/etc/shadow"), b"")],
+    "device": lambda: [(member("checkpoint/x.img", tarfile.CHRTYPE), b"")],
+    "deleted": lambda: [(member("deleted.files"), b'["/bin/ok", "../../etc/passwd"]')],
+    "unknown": lambda: [(member("etc/cron.d/evil"), b"* * * * * root sh")],
+}
+MALICIOUS_ERRORS = {
+    "dotdot": "has a member '../fx3-escaped' that climbs out with '..'",
+    "absolute": "has an absolute member name '/tmp/fx3-absolute-escape'",
+    "symlink": "has a link 'checkpoint/core-1.img' -> '/etc/passwd'",
+    "hardlink": "has a link 'rootfs-diff.tar' -> '/etc/shadow'",
+    "device": "has a device, fifo or special member 'checkpoint/x.img'",
+    "deleted": "deleted.files names '../../etc/passwd', which escapes the container's root",
+    "unknown": "has an unexpected member 'etc/cron.d/evil'",
+}
+
+
+def malicious_tar(path, extra: list[tuple[tarfile.TarInfo, bytes]]) -> str:
+    config = json.dumps({"id": "e" * 64, "name": "evil"}).encode()
+    with tarfile.open(path, "w") as t:
+        for info, data in [(member("config.dump"), config), (member("checkpoint/pstree.img"), b"x"), *extra]:
+            if info.isfile():
+                info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def repo_files(path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
+                  if "locks" not in d)
+
+
+@pytest.mark.parametrize("kind", sorted(MALICIOUS))
+def test_import_refuses_malicious_archives_storing_nothing(kind, tmp_path, stasis):
+    repo = Repository.init(f"file://{tmp_path}/repo", PASSWORD)
+    before = repo_files(tmp_path / "repo")
+    archive = malicious_tar(tmp_path / "evil.tar", MALICIOUS[kind]())
+    rc, out, err = stasis("import", archive, "--repo", repo.url, "--workdir", str(tmp_path))
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("stasis: error: the checkpoint archive") and MALICIOUS_ERRORS[kind] in err, err
+    assert repo.checkpoint_ids() == [] and repo_files(tmp_path / "repo") == before
+    assert sorted(os.listdir(tmp_path)) == ["evil.tar", "repo"]      # the private stage is gone
+    assert not os.path.exists("/tmp/fx3-absolute-escape") and not (tmp_path.parent / "fx3-escaped").exists()
+
+
+def test_import_refuses_non_checkpoints(tmp_path, stasis):
+    repo = Repository.init(f"file://{tmp_path}/repo", PASSWORD)
+    with tarfile.open(tmp_path / "x.tar", "w") as t:
+        t.addfile(member("config.dump", size=2), io.BytesIO(b"{}"))
+    rc, _, err = stasis("import", str(tmp_path / "x.tar"), "--repo", repo.url)
+    assert rc == 1 and err == "stasis: error: the checkpoint archive's config.dump names container id 'None', " \
+                              "not a 64-hex id\n"
+    rc, _, err = stasis("import", malicious_tar(tmp_path / "y.tar", []), "--repo", repo.url)
+    assert rc == 1 and err.startswith("stasis: error: ") and err.count("\n") == 1   # pstree.img is not CRIU's
+    rc, _, err = stasis("import", str(tmp_path / "missing.tar"), "--repo", repo.url)
+    assert rc == 2 and err == f"stasis: error: {tmp_path}/missing.tar: no such file\n"
+    rc, _, err = stasis("import", str(tmp_path / "x.tar"), "--host", "../evil", "--repo", repo.url)
+    assert rc == 2 and "--host '../evil': a host name is" in err
+    assert repo.checkpoint_ids() == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(max_size=30) | st.sampled_from(["..", "/etc/passwd", "a/../../b", "/", "./x", ""]),
+                max_size=6))
+def test_fuzz_deleted_files_never_escape(paths):
+    from stasis.forensics.transfer import _deletions
+
+    try:
+        out = _deletions(json.dumps(paths).encode())
+    except ArchiveError as e:
+        assert "\n" not in str(e)
+        return
+    for p in out:
+        assert p.startswith("/") and ".." not in p.split("/") and "\0" not in p
+
+
+@pytest.mark.e2e
+def test_import_podman_export_then_inspect_and_restore(stored, stasis, tmp_path):
+    import zstandard
+
+    url = stored["repo"].url
+    plain = stored["tmp"] / "ckpt.tar"
+    rc, out, err = stasis("import", str(plain), "--host", "host-b", "--repo", url, "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["container"]["name"] == stored["name"] and doc["host"] == "host-b" and doc["processes"] == 2
+    assert doc["new_bytes"] == 0 and not doc["decompressed"]       # the same archive: fully deduplicated
+    rc, out, err = stasis("inspect", doc["checkpoint"], "--repo", url, "--ps", "--json")
+    assert rc == 0, err
+    s = json.loads(out)["summary"]
+    assert s["checkpoint"] == doc["checkpoint"] and s["host"] == "host-b" and s["runtime"] == "podman"
+    assert s["container"]["name"] == stored["name"] and s["container"]["image"] == IMAGE and s["processes"] == 2
+    manifest = stored["repo"].read_manifest(doc["checkpoint"])
+    assert manifest.image is None and manifest.container.image_id != "0" * 64
+    assert manifest.criu_stats["pages_written"] > 0
+
+    # podman's default compression is zstd: imported as the plain tar, then restorable from an export.
+    zst = tmp_path / "ckpt.tar.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    rc, out, err = stasis("import", str(zst), "--repo", url, "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["decompressed"] and doc["host"] == "imported"
+    rc, _, err = stasis("export", doc["checkpoint"], "-o", str(tmp_path / "again.tar"), "--repo", url)
+    assert rc == 0, err
+    assert (tmp_path / "again.tar").read_bytes() == plain.read_bytes()
+    restore_and_remove(str(tmp_path / "again.tar"))
+    rc, out, _ = stasis("inspect", doc["checkpoint"], "--repo", url)
+    assert rc == 0 and f"container    {stored['name']}" in out
