@@ -110,7 +110,7 @@ def _number(text: str, what: str) -> int:
 
 def cmd_dump_file(args) -> int:
     from stasis.controller.cli import emit_json
-    from stasis.forensics.transfer import safe_output
+    from stasis.forensics.export_import import safe_output
 
     with safe_output(args.out, args.force) as (f, _), open_checkpoint(args) as ckpt:
         doc = _decoding(lambda: ckpt.dump_file(args.path, f))
@@ -125,7 +125,7 @@ def cmd_dump_file(args) -> int:
 
 def cmd_dump_memory(args) -> int:
     from stasis.controller.cli import emit_json
-    from stasis.forensics.transfer import safe_output
+    from stasis.forensics.export_import import safe_output
 
     addr, length = _number(args.addr, "--addr"), _number(args.len, "--len")
     with safe_output(args.out, args.force) as (f, _), open_checkpoint(args) as ckpt:
@@ -159,7 +159,7 @@ def cmd_diff(args) -> int:
 
 def cmd_export(args) -> int:
     from stasis.controller.cli import emit_json
-    from stasis.forensics.transfer import export_checkpoint
+    from stasis.forensics.export_import import export_checkpoint
 
     repo = open_repository(args)
     doc = export_checkpoint(repo, args.checkpoint, args.out, args.force)
@@ -175,7 +175,7 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     from stasis.controller.cli import emit_json
-    from stasis.forensics.transfer import import_archive
+    from stasis.forensics.export_import import import_archive
 
     repo = open_repository(args)
     m, report = _decoding(lambda: import_archive(repo, args.archive, args.host, args.workdir))

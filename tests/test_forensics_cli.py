@@ -437,7 +437,7 @@ def test_dump_file_copies_regular_files_only(tmp_path):
 
 def test_safe_output_never_follows_or_clobbers(tmp_path):
     from stasis.errors import AlreadyExists
-    from stasis.forensics.transfer import safe_output
+    from stasis.forensics.export_import import safe_output
 
     victim = tmp_path / "victim"
     victim.write_text("precious")
@@ -678,7 +678,7 @@ def test_import_refuses_non_checkpoints(tmp_path, stasis):
 @given(st.lists(st.text(max_size=30) | st.sampled_from(["..", "/etc/passwd", "a/../../b", "/", "./x", ""]),
                 max_size=6))
 def test_fuzz_deleted_files_never_escape(paths):
-    from stasis.forensics.transfer import _deletions
+    from stasis.forensics.export_import import _deletions
 
     try:
         out = _deletions(json.dumps(paths).encode())
