@@ -518,6 +518,7 @@ def test_migrate_carries_tcp_connection_named_volume_and_process_tree(cluster):
 @pytest.mark.parametrize("phase", ["checkpoint", "restore"])
 def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(cluster, phase):
     a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    cluster.wait_hosts_up(["host-a", "host-b"])   # the previous case restarted the controller
     web = name(f"crash-{phase[:4]}")
     a.run_workload(web, 256)
     before = a.status(web)
@@ -529,8 +530,10 @@ def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(clust
         while time.monotonic() < deadline and (job is None or job["phase"] != phase):
             job = next((j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web),
                        None)
+            if job is None and proc.poll() is not None:   # refused before it became a job: say why
+                break
             time.sleep(0.02)
-        assert job is not None and job["phase"] == phase, job
+        assert job is not None and job["phase"] == phase, (job, proc.poll() is not None and proc.communicate())
         cluster.controller.kill()                      # no clean shutdown: a crash
         cluster.controller.wait()
         proc.communicate(timeout=60)
