@@ -70,16 +70,21 @@ def inspect_doc(ckpt, args) -> dict:
     return doc
 
 
-def cmd_inspect(args) -> int:
+def _show(args, doc: dict, render) -> int:
+    """One JSON document with --json, else the lines `render` makes of it."""
     from stasis.controller.cli import emit_json
 
-    with open_checkpoint(args) as ckpt:
-        doc = _decoding(lambda: inspect_doc(ckpt, args))
     if args.json:
         emit_json(doc)
     else:
-        print("\n".join(render_inspect(doc)))
+        print("\n".join(render(doc)))
     return 0
+
+
+def cmd_inspect(args) -> int:
+    with open_checkpoint(args) as ckpt:
+        doc = _decoding(lambda: inspect_doc(ckpt, args))
+    return _show(args, doc, render_inspect)
 
 
 def cmd_grep(args) -> int:
@@ -144,17 +149,12 @@ def cmd_dump_memory(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from stasis.controller.cli import emit_json
     from stasis.forensics.diff import diff
 
     repo = open_repository(args)
     with open_checkpoint(args, args.checkpoint_a, repo) as a, open_checkpoint(args, args.checkpoint_b, repo) as b:
         doc = _decoding(lambda: diff(a, b))
-    if args.json:
-        emit_json(doc)
-    else:
-        print("\n".join(render_diff(doc)))
-    return 0
+    return _show(args, doc, render_diff)
 
 
 def cmd_export(args) -> int:

@@ -13,6 +13,7 @@ and lists, ready for JSON.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -91,31 +92,50 @@ def checked_name(member: tarfile.TarInfo) -> str | None:
     return "/".join(p for p in parts if p not in ("", "."))
 
 
+@contextlib.contextmanager
+def open_archive(archive: str, doing: str):
+    """The archive as a tar file; a failure to read it inside the block is one ArchiveError line."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            yield tar
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ArchiveError(f"the checkpoint archive is not a readable tar file ({_first_line(e)})") from None
+    except OSError as e:
+        raise ArchiveError(f"the checkpoint archive cannot be {doing}: {e.strerror or e}") from None
+
+
+def members(tar: tarfile.TarFile):
+    """Every member, counted against MAX_MEMBERS, read header by header (never all at once)."""
+    count = 0
+    while (member := tar.next()) is not None:
+        count += 1
+        if count > MAX_MEMBERS:
+            raise ArchiveError(f"the checkpoint archive has more than {MAX_MEMBERS} members")
+        yield member
+
+
+def add_to_total(total: int, member: tarfile.TarInfo) -> int:
+    total += member.size
+    if total > MAX_TOTAL:
+        raise ArchiveError(f"the checkpoint archive holds more than {MAX_TOTAL} bytes of files")
+    return total
+
+
 def extract(archive: str, dest: str) -> dict[str, int]:
     """Unpack the wanted members of `archive` into the empty folder `dest`; {name: size} of what it wrote."""
     os.makedirs(os.path.join(dest, "checkpoint"), mode=0o700, exist_ok=True)
     written: dict[str, int] = {}
-    total = count = 0
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            while (member := tar.next()) is not None:
-                count += 1
-                if count > MAX_MEMBERS:
-                    raise ArchiveError(f"the checkpoint archive has more than {MAX_MEMBERS} members")
-                target = check_member(member)
-                if target is None:
-                    continue
-                total += member.size
-                if total > MAX_TOTAL:
-                    raise ArchiveError(f"the checkpoint archive holds more than {MAX_TOTAL} bytes of files")
-                if target in written:
-                    raise ArchiveError(f"the checkpoint archive holds {member.name!r} twice")
-                _copy(tar, member, os.path.join(dest, target))
-                written[target] = member.size
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise ArchiveError(f"the checkpoint archive is not a readable tar file ({_first_line(e)})") from None
-    except OSError as e:
-        raise ArchiveError(f"the checkpoint archive cannot be unpacked: {e.strerror or e}") from None
+    total = 0
+    with open_archive(archive, "unpacked") as tar:
+        for member in members(tar):
+            target = check_member(member)
+            if target is None:
+                continue
+            total = add_to_total(total, member)
+            if target in written:
+                raise ArchiveError(f"the checkpoint archive holds {member.name!r} twice")
+            _copy(tar, member, os.path.join(dest, target))
+            written[target] = member.size
     if "checkpoint/pstree.img" not in written:
         raise ArchiveError("the archive is not a podman checkpoint: it has no checkpoint/pstree.img")
     return written

@@ -20,14 +20,12 @@ import os
 import posixpath
 import re
 import shutil
-import tarfile
 import tempfile
-import zlib
 from typing import BinaryIO, Iterator
 
 from stasis.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from stasis.forensics.checkpoint import (MAX_MEMBER, MAX_MEMBERS, MAX_TOTAL, SMALL_FILES, ArchiveError, Checkpoint,
-                                         _first_line, checked_name)
+from stasis.forensics.checkpoint import (MAX_MEMBER, MAX_TOTAL, SMALL_FILES, ArchiveError, Checkpoint,
+                                         _first_line, add_to_total, checked_name, members, open_archive)
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -112,44 +110,35 @@ def validate_archive(path: str) -> dict:
     """
     seen: set[str] = set()
     config, deleted, total, count = None, [], 0, 0
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            while (member := tar.next()) is not None:
-                count += 1
-                if count > MAX_MEMBERS:
-                    raise ArchiveError(f"the checkpoint archive has more than {MAX_MEMBERS} members")
-                name = checked_name(member)      # shape: absolute, '..', links, devices, size
-                if name is None:                 # a folder
-                    dname = "/".join(p for p in member.name.split("/") if p not in ("", "."))
-                    if not IMPORT_DIRS.fullmatch(dname):
-                        raise ArchiveError(f"the checkpoint archive has an unexpected folder {member.name[:120]!r}: "
-                                           f"refusing it")
-                    continue
-                if name not in IMPORT_FILES and not any(p.fullmatch(name) for p in IMPORT_PATTERNS):
-                    raise ArchiveError(f"the checkpoint archive has an unexpected member {member.name[:120]!r} "
-                                       f"(not part of a podman or kubelet checkpoint): refusing it")
-                if name in seen:
-                    raise ArchiveError(f"the checkpoint archive holds {name!r} twice")
-                seen.add(name)
-                limit = SMALL_IMPORT.get(name, MAX_MEMBER)
-                if member.size > limit:
-                    raise ArchiveError(f"the checkpoint archive's {name} is {member.size} bytes (limit {limit})")
-                total += member.size
-                if total > MAX_TOTAL:
-                    raise ArchiveError(f"the checkpoint archive holds more than {MAX_TOTAL} bytes of files")
-                if name in ("config.dump", "deleted.files"):
-                    src = tar.extractfile(member)
-                    raw = src.read(member.size) if src else b""
-                    if len(raw) != member.size:
-                        raise ArchiveError(f"the checkpoint archive is truncated inside {name}")
-                    if name == "config.dump":
-                        config = _config(raw)
-                    else:
-                        deleted = _deletions(raw)
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise ArchiveError(f"the checkpoint archive is not a readable tar file ({_first_line(e)})") from None
-    except OSError as e:
-        raise ArchiveError(f"the checkpoint archive cannot be read: {e.strerror or e}") from None
+    with open_archive(path, "read") as tar:
+        for member in members(tar):
+            count += 1
+            name = checked_name(member)      # shape: absolute, '..', links, devices, size
+            if name is None:                 # a folder
+                dname = "/".join(p for p in member.name.split("/") if p not in ("", "."))
+                if not IMPORT_DIRS.fullmatch(dname):
+                    raise ArchiveError(f"the checkpoint archive has an unexpected folder {member.name[:120]!r}: "
+                                       f"refusing it")
+                continue
+            if name not in IMPORT_FILES and not any(p.fullmatch(name) for p in IMPORT_PATTERNS):
+                raise ArchiveError(f"the checkpoint archive has an unexpected member {member.name[:120]!r} "
+                                   f"(not part of a podman or kubelet checkpoint): refusing it")
+            if name in seen:
+                raise ArchiveError(f"the checkpoint archive holds {name!r} twice")
+            seen.add(name)
+            limit = SMALL_IMPORT.get(name, MAX_MEMBER)
+            if member.size > limit:
+                raise ArchiveError(f"the checkpoint archive's {name} is {member.size} bytes (limit {limit})")
+            total = add_to_total(total, member)
+            if name in ("config.dump", "deleted.files"):
+                src = tar.extractfile(member)
+                raw = src.read(member.size) if src else b""
+                if len(raw) != member.size:
+                    raise ArchiveError(f"the checkpoint archive is truncated inside {name}")
+                if name == "config.dump":
+                    config = _config(raw)
+                else:
+                    deleted = _deletions(raw)
     for need in ("checkpoint/pstree.img", "config.dump"):
         if need not in seen:
             raise ArchiveError(f"the archive is not a podman or kubelet checkpoint: it has no {need}")

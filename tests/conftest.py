@@ -25,6 +25,17 @@ def require(ok: bool, what: str) -> None:
     pytest.skip(what)
 
 
+def require_criu_decoders() -> None:
+    """At a test module's top: the CRIU image decoders scripts/criu-images.sh generates."""
+    import importlib.util
+    if importlib.util.find_spec("stasis.forensics.criu_pb") is not None:
+        return
+    missing = "CRIU image decoders are not generated: run 'bash scripts/criu-images.sh' (or 'make provision')"
+    if CI:
+        pytest.fail(f"{missing} (CI=true: a missing component is a failure, not a skip)", pytrace=False)
+    pytest.skip(missing, allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def real_stack():
     """podman, runc, a working CRIU 4.x, root: what every end-to-end test needs."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import importlib.util
 import io
 import json
 import os
@@ -18,13 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import CI
+from tests.conftest import require_criu_decoders
 
-if importlib.util.find_spec("stasis.forensics.criu_pb") is None:
-    missing = "CRIU image decoders are not generated: run 'bash scripts/criu-images.sh' (or 'make provision')"
-    if CI:
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+require_criu_decoders()
 
 from stasis.controller import cli, forensics_cli  # noqa: E402
 from stasis.forensics import checkpoint as fx  # noqa: E402

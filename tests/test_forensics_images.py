@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import importlib.util
 import os
 import re
 import secrets
@@ -22,13 +21,9 @@ from stasis.errors import InvalidArgument
 from stasis.forensics import images
 from stasis.forensics.images import IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC, ImageError, read_image
 from stasis.forensics.memory import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT, ProcessMemory
-from tests.conftest import CI
+from tests.conftest import require_criu_decoders
 
-if importlib.util.find_spec("stasis.forensics.criu_pb") is None:
-    missing = "CRIU image decoders are not generated: run 'bash scripts/criu-images.sh' (or 'make provision')"
-    if CI:
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+require_criu_decoders()
 
 from stasis.forensics.criu_pb import (  # noqa: E402
     core_pb2,
