@@ -497,7 +497,7 @@ class AgentService:
                                                container_id=manifest.container.id)
             timings["restore"] = stats.seconds
             if relay is not None:   # CRIU's restore is done and the process scheduled: downtime ends
-                emit("pages", f"{name} runs; its memory follows from {receiver.peer}", 0, 0)
+                emit("running", f"{name} runs; its memory follows from {receiver.peer}", 0, 0)
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:
                 timings["criu_restore"] = stats.criu["restore_time"] / 1e6

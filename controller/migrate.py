@@ -194,7 +194,7 @@ class Migration:
         running = asyncio.Event()
 
         def progress(p: pb.Progress) -> None:
-            if p.phase == "pages" and p.message.startswith(f"{self.container} runs"):
+            if p.phase == "running":   # the destination's restore is done: downtime ends
                 self.running_at = time.monotonic()
                 running.set()
             job.publish(p)
