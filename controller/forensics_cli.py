@@ -1,9 +1,10 @@
-"""The CLI's forensics commands: `stasis inspect` and `stasis grep`, straight from the repository.
+"""The CLI's forensics commands (inspect, grep, dump-file, dump-memory, diff, export, import),
+straight from the repository.
 
 Like `stasis repo ...` they need no controller: they open the repository (--repo or
-$STASIS_REPOSITORY, password from --password-file or $STASIS_PASSWORD), fetch the checkpoint's
-archive with every chunk verified into a private temporary folder, and read it without restoring
-or running anything from it (see stasis.forensics.checkpoint).
+$STASIS_REPOSITORY, password from --password-file or $STASIS_PASSWORD) and read the checkpoint's
+archive in place, fetching and verifying only the chunks a question needs, without restoring or
+running anything from it (see stasis.forensics.checkpoint).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def open_checkpoint(args, checkpoint_id: str | None = None, repo=None) -> Iterat
 
     repo = repo or open_repository(args)
     ident = checkpoint_id or args.checkpoint
-    ckpt = _decoding(lambda: Checkpoint.open(repo, ident, workdir=args.workdir))
+    ckpt = _decoding(lambda: Checkpoint.open(repo, ident))
     try:
         yield ckpt
     finally:
@@ -325,8 +326,6 @@ def _repo_args(p, positional: bool = True) -> None:
     p.add_argument("--repo", metavar="REPO_URL", default=os.environ.get("STASIS_REPOSITORY"),
                    help="file:///path or s3://bucket/prefix (default: $STASIS_REPOSITORY)")
     p.add_argument("--password-file", help="file holding the password (default: $STASIS_PASSWORD)")
-    p.add_argument("--workdir", help="where the archive is unpacked, in a private folder removed afterwards "
-                                     "(default: $TMPDIR or /tmp)")
     p.set_defaults(daemon=True)   # no controller
 
 
@@ -399,3 +398,5 @@ def add_commands(sub, common, add) -> None:
     p.add_argument("--host", default="imported",
                    help="the host the checkpoint is recorded as taken on (default %(default)s)")
     _repo_args(p, positional=False)
+    p.add_argument("--workdir", help="where a compressed archive is decompressed before it is checked and stored, "
+                                     "in a private folder removed afterwards (default: $TMPDIR or /tmp)")

@@ -1,11 +1,10 @@
-"""A checkpoint opened for investigation: its archive, fetched and unpacked safely, seen as plain dicts.
+"""A checkpoint opened for investigation, read in place and seen as plain dicts.
 
-The archive (podman's export tar) is hostile input. Before anything is written every member is
-checked: an absolute name, a `..` component, a link, a device or fifo, or a member or total size
-over the limits refuses the whole archive with one ArchiveError line. Only regular files named
-checkpoint/NAME.img, stats-dump, config.dump, spec.dump, deleted.files and rootfs-diff.tar are
-written, each to a name this module builds, inside a private (0700) temporary folder that
-close() removes. rootfs-diff.tar is only ever listed, never unpacked.
+The archive (podman's export tar) is hostile input: forensics.archive checks every member header
+and finds the members without unpacking anything. Opened from the repository, the archive is a
+storage.artifact_file.ArtifactFile, so a question fetches only the chunks it reads: the tar headers,
+the small CRIU images it decodes, the pages it looks at. rootfs-diff.tar is read the same way, its
+headers for a listing and one member's bytes for dump-file.
 
 Views (summary, processes, files, sockets, mounts, maps, stats, fs) and grep() return plain dicts
 and lists, ready for JSON.
@@ -13,35 +12,31 @@ and lists, ready for JSON.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import re
-import shutil
 import socket
 import struct
 import tarfile
-import tempfile
 import zlib
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
-from stasis.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
+from stasis.errors import FailedPrecondition, InvalidArgument, NotFound
+from stasis.forensics.archive import (SMALL_FILES, ArchiveError, ArchiveIndex, Folder, Prefixed, _first_line,
+                                      check_member)
 from stasis.forensics.images import ImageError, read_image
 from stasis.forensics.memory import PAGE_SIZE, PE_PARENT, PE_PRESENT, ProcessMemory
 
-IMG_NAME = re.compile(r"checkpoint/([A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.img)")
-TOP_FILES = ("stats-dump", "config.dump", "spec.dump", "deleted.files", "rootfs-diff.tar")
-SMALL_FILES = {"config.dump": 16 << 20, "spec.dump": 16 << 20, "deleted.files": 16 << 20, "stats-dump": 1 << 20}
-MAX_MEMBER = 64 << 30          # one file of the archive (pages of a big process)
-MAX_TOTAL = 256 << 30          # everything extracted
-MAX_MEMBERS = 200_000          # tar headers read, extracted or not
+__all__ = ["ArchiveError", "Checkpoint", "check_member"]
+
 MAX_FS_ENTRIES = 1_000_000     # rootfs-diff.tar entries listed
 MAX_ARGS = 1 << 20             # argv / environment bytes read per process
 MAX_HITS = 1000
 MAX_DUMP_FILE = 4 << 30        # dump-file: one changed file
 MAX_DUMP_MEMORY = 1 << 30      # dump-memory: one span
+SEARCH_BLOCK = 4 << 20         # grep reads memory this much at a time (a few blobs fetched in parallel)
 
 TASK_STATES = {1: "alive", 2: "dead", 3: "stopped", 4: "helper", 6: "zombie"}
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
@@ -50,159 +45,62 @@ SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 IP_PROTOS = {6: "tcp", 17: "udp", 136: "udplite", 1: "icmp", 58: "icmpv6", 255: "raw"}
 
 
-class ArchiveError(IntegrityError):
-    """A checkpoint archive is malformed or hostile; nothing of it was used."""
-
-
-def check_member(member: tarfile.TarInfo) -> str | None:
-    """Where a member goes (a relative name this module chose), None to skip it; ArchiveError if hostile."""
-    name = checked_name(member)
-    if name is None:
-        return None
-    if (m := IMG_NAME.fullmatch(name)) is not None:
-        return f"checkpoint/{m.group(1)}"
-    if name in TOP_FILES:
-        if member.size > SMALL_FILES.get(name, MAX_MEMBER):
-            raise ArchiveError(f"the checkpoint archive's {name} is {member.size} bytes "
-                               f"(limit {SMALL_FILES[name]})")
-        return name
-    return None
-
-
-def checked_name(member: tarfile.TarInfo) -> str | None:
-    """A member's normalised relative name once its shape is safe (no absolute name, no '..', no link,
-    no device, within the size limit); None for a folder. ArchiveError if hostile."""
-    raw = member.name
-    shown = repr(raw[:120])
-    if not raw or "\0" in raw or "\\" in raw:
-        raise ArchiveError(f"the checkpoint archive has a member with a malformed name {shown}")
-    if raw.startswith("/"):
-        raise ArchiveError(f"the checkpoint archive has an absolute member name {shown}: refusing it")
-    parts = raw.split("/")
-    if ".." in parts:
-        raise ArchiveError(f"the checkpoint archive has a member {shown} that climbs out with '..': refusing it")
-    if member.issym() or member.islnk():
-        raise ArchiveError(f"the checkpoint archive has a link {shown} -> {member.linkname[:120]!r}: refusing it")
-    if member.isdir():
-        return None
-    if not member.isfile():
-        raise ArchiveError(f"the checkpoint archive has a device, fifo or special member {shown}: refusing it")
-    if member.size < 0 or member.size > MAX_MEMBER:
-        raise ArchiveError(f"the checkpoint archive's member {shown} is {member.size} bytes (limit {MAX_MEMBER})")
-    return "/".join(p for p in parts if p not in ("", "."))
-
-
-@contextlib.contextmanager
-def open_archive(archive: str, doing: str):
-    """The archive as a tar file; a failure to read it inside the block is one ArchiveError line."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            yield tar
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise ArchiveError(f"the checkpoint archive is not a readable tar file ({_first_line(e)})") from None
-    except OSError as e:
-        raise ArchiveError(f"the checkpoint archive cannot be {doing}: {e.strerror or e}") from None
-
-
-def members(tar: tarfile.TarFile):
-    """Every member, counted against MAX_MEMBERS, read header by header (never all at once)."""
-    count = 0
-    while (member := tar.next()) is not None:
-        count += 1
-        if count > MAX_MEMBERS:
-            raise ArchiveError(f"the checkpoint archive has more than {MAX_MEMBERS} members")
-        yield member
-
-
-def add_to_total(total: int, member: tarfile.TarInfo) -> int:
-    total += member.size
-    if total > MAX_TOTAL:
-        raise ArchiveError(f"the checkpoint archive holds more than {MAX_TOTAL} bytes of files")
-    return total
-
-
-def extract(archive: str, dest: str) -> dict[str, int]:
-    """Unpack the wanted members of `archive` into the empty folder `dest`; {name: size} of what it wrote."""
-    os.makedirs(os.path.join(dest, "checkpoint"), mode=0o700, exist_ok=True)
-    written: dict[str, int] = {}
-    total = 0
-    with open_archive(archive, "unpacked") as tar:
-        for member in members(tar):
-            target = check_member(member)
-            if target is None:
-                continue
-            total = add_to_total(total, member)
-            if target in written:
-                raise ArchiveError(f"the checkpoint archive holds {member.name!r} twice")
-            _copy(tar, member, os.path.join(dest, target))
-            written[target] = member.size
-    if "checkpoint/pstree.img" not in written:
-        raise ArchiveError("the archive is not a podman checkpoint: it has no checkpoint/pstree.img")
-    return written
-
-
-def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> None:
-    src = tar.extractfile(member)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with src, os.fdopen(fd, "wb") as out:
-        left = member.size
-        while left > 0:
-            block = src.read(min(left, 1 << 20))
-            if not block:
-                raise ArchiveError(f"the checkpoint archive is truncated inside {member.name!r}")
-            out.write(block)
-            left -= len(block)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class Checkpoint:
-    """An unpacked checkpoint. Use as a context manager (or close()): the temporary folder goes away."""
+    """A checkpoint's archive, read in place. Use as a context manager (or close())."""
 
-    def __init__(self, root: str, manifest=None, archive_size: int = 0, written: dict[str, int] | None = None):
-        self.root = root
-        self.folder = os.path.join(root, "checkpoint")
+    def __init__(self, source, manifest=None, closer: Callable[[], None] | None = None):
+        """`source`: a forensics.archive.ArchiveIndex, or a Folder of an unpacked checkpoint (or its path)."""
+        self.source = Folder(source) if isinstance(source, (str, os.PathLike)) else source
+        self.images = Prefixed(self.source, "checkpoint/")
         self.manifest = manifest
-        self.archive_size = archive_size
-        self.written = written or {}
+        self.archive_size = self.source.archive_size
+        self._closer = closer
         self._cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def from_archive(cls, archive: str, manifest=None, workdir: str | None = None) -> "Checkpoint":
-        root = tempfile.mkdtemp(prefix="stasis-inspect-", dir=workdir)   # 0700
+    def from_archive(cls, archive: str, manifest=None) -> "Checkpoint":
+        """A podman checkpoint archive (a plain tar) on a local disk."""
         try:
-            written = extract(archive, root)
-            return cls(root, manifest, os.path.getsize(archive), written)
+            fd = os.open(archive, os.O_RDONLY)
+        except OSError as e:
+            raise ArchiveError(f"the checkpoint archive cannot be read: {e.strerror or e}") from None
+        try:
+            index = ArchiveIndex(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
+            return cls(index, manifest, closer=lambda: os.close(fd))
         except BaseException:
-            shutil.rmtree(root, ignore_errors=True)
+            os.close(fd)
             raise
 
     @classmethod
-    def open(cls, repo, checkpoint_id: str, workdir: str | None = None, progress=None) -> "Checkpoint":
-        """Fetch (every chunk verified) and unpack a checkpoint of `repo`."""
+    def open(cls, repo, checkpoint_id: str) -> "Checkpoint":
+        """A checkpoint of `repo`, read in place: each question fetches (and verifies) only what it reads."""
+        from stasis.storage.artifact_file import ArtifactFile
+
         manifest = repo.read_manifest(checkpoint_id)
         if manifest.checkpoint.size == 0:
             raise FailedPrecondition(f"checkpoint {manifest.id} went straight from agent to agent: "
                                      f"its archive is not in {repo.url}")
-        root = tempfile.mkdtemp(prefix="stasis-fetch-", dir=workdir)
+        archive = ArtifactFile(repo, manifest.checkpoint, what=f"checkpoint {manifest.id}")
         try:
-            archive = os.path.join(root, "checkpoint.tar")
-            try:
-                repo.fetch_file(manifest.checkpoint, archive, progress, what=f"checkpoint {manifest.id}")
-            except OSError as e:
-                raise FailedPrecondition(f"cannot fetch checkpoint {manifest.id} into {root}: "
-                                         f"{e.strerror or e}") from None
-            return cls.from_archive(archive, manifest, workdir)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+            ckpt = cls(ArchiveIndex(archive.pread, archive.size), manifest, closer=archive.close)
+        except BaseException:
+            archive.close()
+            raise
+        ckpt.archive = archive
+        return ckpt
+
+    @property
+    def fetched_bytes(self) -> int | None:
+        """Bytes loaded from the repository so far (None for a local archive)."""
+        archive = getattr(self, "archive", None)
+        return archive.fetched if archive is not None else None
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -213,12 +111,10 @@ class Checkpoint:
     # ------------------------------------------------------------------ images
 
     def _img(self, name: str, expect: str = ""):
-        path = os.path.join(self.folder, name)
-        if not os.path.exists(path):
-            return None
         key = f"img:{name}"
         if key not in self._cache:
-            self._cache[key] = read_image(path, name, expect)
+            data = self.images.read(name)
+            self._cache[key] = None if data is None else read_image(data, name, expect)
         return self._cache[key]
 
     def _need(self, name: str, expect: str):
@@ -252,10 +148,8 @@ class Checkpoint:
         return self._cache["files"]
 
     def _json(self, name: str) -> dict:
-        path = os.path.join(self.root, name)
         try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = json.loads(self.source.read(name, SMALL_FILES[name]) or b"{}")
             return doc if isinstance(doc, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -288,8 +182,8 @@ class Checkpoint:
             "leave_running": m.leave_running if m else None,
             "processes": len(self._pids()),
             "sizes": {"archive_bytes": self.archive_size, "memory_pages": pages,
-                      "memory_bytes": pages * PAGE_SIZE, "rootfs_diff_bytes": self.written.get("rootfs-diff.tar", 0),
-                      "images_bytes": sum(v for k, v in self.written.items() if k.startswith("checkpoint/"))},
+                      "memory_bytes": pages * PAGE_SIZE, "rootfs_diff_bytes": self.source.size("rootfs-diff.tar") or 0,
+                      "images_bytes": sum(self.images.size(n) or 0 for n in self.images.names())},
             "fs_changes": {"changed": len(fs["changed"]), "deleted": len(fs["deleted"])},
         }
         return doc
@@ -329,9 +223,9 @@ class Checkpoint:
 
     def _args(self, pid: int, cmdline: bool, env: bool) -> tuple[list[str] | None, list[str] | None]:
         mm = self._mm(pid)
-        if mm is None or not os.path.exists(os.path.join(self.folder, f"pagemap-{pid}.img")):
+        if mm is None or self.images.size(f"pagemap-{pid}.img") is None:
             return None, None   # a zombie or a helper has no memory
-        with ProcessMemory.open(self.folder, pid) as mem:
+        with ProcessMemory.open(self.images, pid) as mem:
             def strings(start: int, end: int) -> list[str]:
                 if end <= start:
                     return []
@@ -433,7 +327,7 @@ class Checkpoint:
         for pid in self._pids():
             if self._mm(pid) is None or self._img(f"pagemap-{pid}.img", "pagemap") is None:
                 continue
-            with ProcessMemory.open(self.folder, pid) as mem:
+            with ProcessMemory.open(self.images, pid) as mem:
                 dumped: dict[int, int] = {}
                 for r in mem.ranges():
                     if r.vma is not None:
@@ -445,10 +339,10 @@ class Checkpoint:
         return out
 
     def stats(self) -> dict:
-        path = os.path.join(self.root, "stats-dump")
-        if not os.path.exists(path):
+        data = self.source.read("stats-dump", SMALL_FILES["stats-dump"])
+        if data is None:
             return {}
-        entries = read_image(path, "stats-dump", "stats").entries
+        entries = read_image(data, "stats-dump", "stats").entries
         if not entries or not entries[0].HasField("dump"):
             return {}
         return {f.name: v for f, v in entries[0].dump.ListFields()}
@@ -457,10 +351,10 @@ class Checkpoint:
         if "fs" in self._cache:
             return self._cache["fs"]
         changed: list[dict] = []
-        path = os.path.join(self.root, "rootfs-diff.tar")
-        if os.path.exists(path):
+        diff = self.source.open("rootfs-diff.tar")
+        if diff is not None:
             try:
-                with tarfile.open(path, "r:*") as tar:
+                with diff, tarfile.open(fileobj=diff, mode="r:*") as tar:
                     while (m := tar.next()) is not None:
                         if len(changed) >= MAX_FS_ENTRIES:
                             raise ArchiveError(f"rootfs-diff.tar lists more than {MAX_FS_ENTRIES} files")
@@ -470,12 +364,8 @@ class Checkpoint:
             except (tarfile.TarError, EOFError) as e:
                 raise ArchiveError(f"rootfs-diff.tar is not a readable tar file ({_first_line(e)})") from None
         deleted, refused = [], []
-        raw = None
         try:
-            with open(os.path.join(self.root, "deleted.files"), encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raw = []
+            raw = json.loads(self.source.read("deleted.files", SMALL_FILES["deleted.files"]) or b"[]")
         except (OSError, ValueError) as e:
             raise ArchiveError(f"deleted.files is not a JSON list of paths ({_first_line(e)})") from None
         if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
@@ -489,7 +379,7 @@ class Checkpoint:
         return self._cache["fs"]
 
     def _names(self, pattern: str) -> list[str]:
-        return sorted(n for n in os.listdir(self.folder) if re.fullmatch(pattern, n))
+        return [n for n in self.images.names() if re.fullmatch(pattern, n)]
 
     # ------------------------------------------------------------------ extraction
 
@@ -505,12 +395,12 @@ class Checkpoint:
         if ".." in path.split("/"):
             raise InvalidArgument(f"{path!r}: a path in the container has no '..'")
         want = "/" + posixpath.normpath(path).lstrip("/")
-        tar_path = os.path.join(self.root, "rootfs-diff.tar")
-        if not os.path.exists(tar_path):
+        diff = self.source.open("rootfs-diff.tar")
+        if diff is None:
             raise NotFound(f"{want}: the checkpoint holds no filesystem changes (no rootfs-diff.tar); "
                            f"its files are the image's")
         try:
-            with tarfile.open(tar_path, "r:*") as tar:
+            with diff, tarfile.open(fileobj=diff, mode="r:*") as tar:
                 found, count = None, 0
                 while (m := tar.next()) is not None:
                     count += 1
@@ -564,7 +454,7 @@ class Checkpoint:
             raise InvalidArgument(f"the checkpoint has no process {pid} (it has {', '.join(map(str, pids))})")
         if self._mm(pid) is None or self._img(f"pagemap-{pid}.img", "pagemap") is None:
             raise FailedPrecondition(f"process {pid} has no dumped memory (a zombie or a helper)")
-        with ProcessMemory.open(self.folder, pid) as mem:
+        with ProcessMemory.open(self.images, pid) as mem:
             holes = mem.holes(addr, length)          # also refuses a span beyond 64 bits
             digest, pos, end = hashlib.sha256(), addr, addr + length
             while pos < end:
@@ -607,8 +497,8 @@ class Checkpoint:
         for p in [pid] if pid is not None else pids:
             if self._mm(p) is None or self._img(f"pagemap-{p}.img", "pagemap") is None:
                 continue
-            with ProcessMemory.open(self.folder, p) as mem:
-                for h in mem.search(needle):
+            with ProcessMemory.open(self.images, p) as mem:
+                for h in mem.search(needle, chunk=SEARCH_BLOCK):
                     if len(hits) >= limit:
                         truncated = True
                         break

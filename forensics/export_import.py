@@ -21,11 +21,13 @@ import posixpath
 import re
 import shutil
 import tempfile
+import zlib
 from typing import BinaryIO, Iterator
 
 from stasis.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from stasis.forensics.checkpoint import (MAX_MEMBER, MAX_TOTAL, SMALL_FILES, ArchiveError, Checkpoint,
-                                         _first_line, add_to_total, checked_name, members, open_archive)
+from stasis.forensics.archive import (MAX_MEMBER, MAX_TOTAL, SMALL_FILES, ArchiveError,
+                                      _first_line, add_to_total, checked_name, members, open_archive)
+from stasis.forensics.checkpoint import Checkpoint
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -182,24 +184,33 @@ def _deletions(raw: bytes) -> list[str]:
 
 
 def _decompressed(path: str, stage: str) -> str:
-    """`path` itself, or for a zstd archive (podman's default) a plain tar of it in `stage`."""
+    """`path` itself, or for a zstd (podman's default) or gzip archive a plain tar of it in `stage`:
+    the repository keeps the plain tar, which is what dedups and what forensics reads in place."""
     with open(path, "rb") as f:
-        if f.read(4) != ZSTD_MAGIC:
-            return path
-    import zstandard
+        magic = f.read(4)
+    if magic == ZSTD_MAGIC:
+        import zstandard
 
+        kind, opener = "zstd", lambda src: zstandard.ZstdDecompressor().stream_reader(src)
+        errors: tuple = (zstandard.ZstdError,)
+    elif magic[:2] == b"\x1f\x8b":
+        import gzip
+
+        kind, opener = "gzip", lambda src: gzip.GzipFile(fileobj=src, mode="rb")
+        errors = (OSError, EOFError, zlib.error)
+    else:
+        return path
     plain = os.path.join(stage, "checkpoint.tar")
     written = 0
     try:
-        with open(path, "rb") as src, zstandard.ZstdDecompressor().stream_reader(src) as reader, \
-                open(plain, "xb") as out:
+        with open(path, "rb") as src, opener(src) as reader, open(plain, "xb") as out:
             while block := reader.read(1 << 20):
                 written += len(block)
                 if written > MAX_TOTAL + (1 << 30):
                     raise ArchiveError(f"the checkpoint archive decompresses to more than {MAX_TOTAL} bytes")
                 out.write(block)
-    except zstandard.ZstdError as e:
-        raise ArchiveError(f"the checkpoint archive is not valid zstd ({_first_line(e)})") from None
+    except errors as e:
+        raise ArchiveError(f"the checkpoint archive is not valid {kind} ({_first_line(e)})") from None
     return plain
 
 
@@ -216,7 +227,7 @@ def import_archive(repo, path: str, host: str = "imported", workdir: str | None 
     try:
         plain = _decompressed(path, stage)
         report = validate_archive(plain)
-        with Checkpoint.from_archive(plain, workdir=stage) as ckpt:   # the CRIU images decode
+        with Checkpoint.from_archive(plain) as ckpt:   # the CRIU images decode
             processes = len(ckpt.processes())
             stats = {k: v for k, v in ckpt.stats().items() if isinstance(v, int) and not isinstance(v, bool)}
         c = report["config"]

@@ -94,21 +94,28 @@ class ProcessMemory:
         self._vma_ends = [v.end for v in vmas]
 
     @classmethod
-    def open(cls, folder: str, pid: int) -> "ProcessMemory":
-        """Process `pid` of the CRIU image folder `folder` (checkpoint/ of a podman archive)."""
-        mm_img = read_image(os.path.join(folder, f"mm-{pid}.img"), expect="mm")
+    def open(cls, images, pid: int) -> "ProcessMemory":
+        """Process `pid` of a CRIU image folder: a path, or any source of images with read(name),
+        open(name) and size(name) (forensics.archive: an archive read in place, a folder)."""
+        if isinstance(images, (str, os.PathLike)):
+            from stasis.forensics.archive import Folder
+
+            images = Folder(os.fspath(images))
+        mm_img = _image(images, f"mm-{pid}.img", "mm")
         if len(mm_img.entries) != 1:
             raise ImageError(f"{mm_img.name} is corrupt: {len(mm_img.entries)} entries, expected 1")
-        pagemap = read_image(os.path.join(folder, f"pagemap-{pid}.img"), expect="pagemap")
-        vmas = _vmas(mm_img.name, mm_img.entries[0].vmas, _file_paths(folder))
+        pagemap = _image(images, f"pagemap-{pid}.img", "pagemap")
+        vmas = _vmas(mm_img.name, mm_img.entries[0].vmas, _file_paths(images))
         runs = _runs(pagemap.name, pagemap.entries)
         stored = max((offset + end - start for start, end, offset in runs), default=0)
         pages_name = f"pages-{pagemap.head.pages_id}.img"
         try:
-            pages = open(os.path.join(folder, pages_name), "rb")
+            pages = images.open(pages_name)
         except OSError as e:
             raise ImageError(f"{pages_name} (named by {pagemap.name}) cannot be read: {e.strerror or e}") from None
-        size = os.fstat(pages.fileno()).st_size
+        if pages is None:
+            raise ImageError(f"{pages_name} (named by {pagemap.name}) is missing")
+        size = images.size(pages_name) or 0
         if size < stored:
             pages.close()
             raise ImageError(f"{pages_name} is truncated: {pagemap.name} needs {stored} bytes, it holds {size}")
@@ -273,14 +280,23 @@ def _vmas(name: str, entries, paths: dict[int, str]) -> list[Vma]:
     return vmas
 
 
-def _file_paths(folder: str) -> dict[int, str]:
+def _image(images, name: str, expect: str):
+    try:
+        data = images.read(name)
+    except OSError as e:
+        raise ImageError(f"{name} cannot be read: {e.strerror or e}") from None
+    if data is None:
+        raise ImageError(f"{name} is missing")
+    return read_image(data, name, expect)
+
+
+def _file_paths(images) -> dict[int, str]:
     """File id → path of regular files: files.img (CRIU 4.x) or reg-files.img (older)."""
     paths: dict[int, str] = {}
     for name, kind in (("reg-files.img", "reg-files"), ("files.img", "files")):
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
+        if images.size(name) is None:
             continue
-        for e in read_image(path, expect=kind).entries:
+        for e in _image(images, name, kind).entries:
             if kind == "reg-files":
                 paths[e.id] = e.name
             elif e.HasField("reg"):

@@ -22,7 +22,7 @@ from tests.conftest import require_criu_decoders
 require_criu_decoders()
 
 from stasis.controller import cli, forensics_cli  # noqa: E402
-from stasis.forensics import checkpoint as fx  # noqa: E402
+from stasis.forensics import archive as fx  # noqa: E402
 from stasis.forensics.checkpoint import ArchiveError, Checkpoint, check_member  # noqa: E402
 from stasis.storage.manifest import ContainerRef, Manifest  # noqa: E402
 from stasis.storage.repository import Repository, new_checkpoint_id, now_rfc3339  # noqa: E402
@@ -154,15 +154,12 @@ HOSTILE = {
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_hostile_archives_are_refused_with_nothing_written(kind, tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
     archive = hostile_tar(tmp_path / "evil.tar", HOSTILE[kind]())
     before = set(os.listdir(tmp_path))
     with pytest.raises(ArchiveError, match="^the checkpoint archive has") as err:
-        Checkpoint.from_archive(archive, workdir=str(work))
+        Checkpoint.from_archive(archive)
     assert "\n" not in str(err.value)
-    assert os.listdir(work) == []                    # the private folder is gone, with what it held
-    assert set(os.listdir(tmp_path)) == before
+    assert set(os.listdir(tmp_path)) == before       # read in place: nothing is ever unpacked
     assert not os.path.exists("/tmp/fx2-absolute-escape") and not os.path.exists(tmp_path / "fx2-escaped")
 
 
@@ -170,25 +167,26 @@ def test_garbage_and_non_checkpoints_are_refused(tmp_path):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(os.urandom(3000))
     with pytest.raises(ArchiveError, match="^the checkpoint archive is not a readable tar file"):
-        Checkpoint.from_archive(str(junk), workdir=str(tmp_path))
+        Checkpoint.from_archive(str(junk))
     with tarfile.open(tmp_path / "empty.tar", "w"):
         pass
     with pytest.raises(ArchiveError, match="no checkpoint/pstree.img"):
-        Checkpoint.from_archive(str(tmp_path / "empty.tar"), workdir=str(tmp_path))
+        Checkpoint.from_archive(str(tmp_path / "empty.tar"))
     assert sorted(os.listdir(tmp_path)) == ["empty.tar", "junk.tar"]
 
 
 def test_cli_errors_are_one_line(tmp_path, stasis):
     repo = Repository.init(f"file://{tmp_path}/repo", PASSWORD)
     bad = store(repo, hostile_tar(tmp_path / "evil.tar", HOSTILE["dotdot"]()))
-    rc, out, err = stasis("inspect", bad.id, "--repo", repo.url, "--workdir", str(tmp_path))
+    rc, out, err = stasis("inspect", bad.id, "--repo", repo.url)
     assert rc == 1 and out == "" and err.startswith("stasis: error: the checkpoint archive has a member '../fx2")
     assert err.count("\n") == 1 and not (tmp_path.parent / "fx2-escaped").exists()
     rc, _, err = stasis("grep", "0123456789abcdef", "x", "--repo", repo.url)
     assert rc == 1 and err == f"stasis: error: no checkpoint '0123456789abcdef' in {repo.url}\n"
     rc, _, err = stasis("inspect", "zz", "--repo", repo.url)
     assert rc == 2 and "malformed" in err and err.count("\n") == 1
-    rc, _, err = stasis("inspect", bad.id, "--repo", repo.url, "--workdir", str(tmp_path / "nowhere"))
+    rc, _, err = stasis("import", str(tmp_path / "evil.tar"), "--repo", repo.url,
+                        "--workdir", str(tmp_path / "nowhere"))
     assert rc == 2 and err == f"stasis: error: --workdir {tmp_path}/nowhere: no such folder\n"
     rc, _, err = stasis("inspect", bad.id, "--repo", "")
     assert rc == 2 and err.startswith("stasis: error: name the repository")
@@ -246,13 +244,9 @@ def stored(real_stack, tmp_path_factory):
 @pytest.mark.e2e
 def test_inspect_shows_exactly_the_truth(stored, stasis):
     m, procs = stored["manifest"], stored["procs"]
-    work = stored["tmp"] / "work"
-    work.mkdir(exist_ok=True)
-    rc, out, err = stasis("inspect", m.id[:8], "--repo", stored["repo"].url, "--all", "--json",
-                          "--workdir", str(work))
+    rc, out, err = stasis("inspect", m.id[:8], "--repo", stored["repo"].url, "--all", "--json")
     assert rc == 0, err
     doc = json.loads(out)
-    assert os.listdir(work) == []                    # unpacked privately, removed afterwards
 
     s = doc["summary"]
     assert s["checkpoint"] == m.id and s["container"]["name"] == stored["name"] and s["host"] == "host-a"
@@ -368,25 +362,26 @@ def test_damaged_real_images_only_raise_one_line_errors(stored, tmp_path):
     StasisError line or still works; never another exception."""
     from stasis.errors import StasisError
 
-    with Checkpoint.from_archive(str(stored["tmp"] / "ckpt.tar"), workdir=str(tmp_path)) as ckpt:
+    with tarfile.open(stored["tmp"] / "ckpt.tar") as t:    # the test's own archive: trusted
+        t.extractall(tmp_path / "unpacked", filter="data")
+    root = tmp_path / "unpacked"
+    with Checkpoint(str(root)) as ckpt:
         all_views(ckpt)
-        names = sorted(os.listdir(ckpt.folder)) + ["../stats-dump", "../deleted.files", "../rootfs-diff.tar"]
-        for name in names:
-            path = os.path.join(ckpt.folder, name)
-            if not os.path.exists(path):
+        names = ["checkpoint/" + n for n in sorted(os.listdir(root / "checkpoint"))]
+        for name in names + ["stats-dump", "deleted.files", "rootfs-diff.tar"]:
+            path = root / name
+            if not path.exists():
                 continue
-            original = open(path, "rb").read()
+            original = path.read_bytes()
             for damaged in (original[:len(original) // 2], original[:8] + bytes(b ^ 0x5a for b in original[8:40])
                             + original[40:], b"[1, {}]" if name.endswith(".files") else b""):
-                with open(path, "wb") as f:
-                    f.write(damaged)
+                path.write_bytes(damaged)
                 ckpt._cache.clear()
                 try:
                     all_views(ckpt)
                 except StasisError as e:
                     assert "\n" not in str(e)
-            with open(path, "wb") as f:
-                f.write(original)
+            path.write_bytes(original)
 
 
 # --- dump-file, dump-memory, diff, export, import (fx3) ---------------------------------------------

@@ -286,7 +286,7 @@ def test_inconsistent_memory_images_are_refused(tmp_path):
     os.remove(os.path.join(folder, "pages-1.img"))
     write_process(folder, 2, [], [], b"", pages_id=7)
     os.remove(os.path.join(folder, "pages-7.img"))
-    with pytest.raises(ImageError, match=r"pages-7.img \(named by pagemap-2.img\) cannot be read"):
+    with pytest.raises(ImageError, match=r"pages-7.img \(named by pagemap-2.img\) is missing"):
         ProcessMemory.open(folder, 2)
 
 
