@@ -259,7 +259,7 @@ def render_inspect(doc: dict) -> list[str]:
         out += ["", "CRIU dump statistics"] + [f"  {k:<24} {v}" for k, v in doc["stats"].items()]
     if "fs" in doc:
         fs = doc["fs"]
-        rows = [["changed", f["type"], _human(f["size"]) if f["type"] == "file" else "", f["path"]]
+        rows = [[f.get("change") or "changed", f["type"], _human(f["size"]) if f["type"] == "file" else "", f["path"]]
                 for f in fs["changed"]]
         rows += [["deleted", "", "", p] for p in fs["deleted"]]
         rows += [["REFUSED", "", "", p] for p in fs["refused_deletions"]]
@@ -339,7 +339,8 @@ def add_commands(sub, common, add) -> None:
                        ("sockets", "unix and inet sockets: addresses, ports, state, holders"),
                        ("mounts", "the container's mounts"), ("maps", "memory mappings with permissions"),
                        ("stats", "CRIU dump statistics"),
-                       ("fs", "filesystem changes: changed files with sizes, deleted files")):
+                       ("fs", "filesystem changes: files added or modified (when the repository holds the image), "
+                              "with sizes; deleted files")):
         p.add_argument(f"--{view}", action="store_true", help=text)
     p.add_argument("--env", action="store_true", help="each process's environment, read from its dumped memory")
     p.add_argument("--cmdline", action="store_true", help="each process's argv, read from its dumped memory")

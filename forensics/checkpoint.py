@@ -88,7 +88,7 @@ class Checkpoint:
         except BaseException:
             archive.close()
             raise
-        ckpt.archive = archive
+        ckpt.archive, ckpt.repo = archive, repo
         return ckpt
 
     @property
@@ -167,7 +167,7 @@ class Checkpoint:
         config, m = self._json("config.dump"), self.manifest
         pages = sum(self.memory_pages().values())
         uts = next((self._img(n, "utsns") for n in self._names(r"utsns-\d+\.img")), None)
-        fs = self.fs()
+        fs = self.fs(against_image=False)
         doc = {
             "checkpoint": m.id if m else "",
             "container": {"name": m.container.name if m else str(config.get("name", "")),
@@ -347,9 +347,19 @@ class Checkpoint:
             return {}
         return {f.name: v for f, v in entries[0].dump.ListFields()}
 
-    def fs(self) -> dict:
-        if "fs" in self._cache:
-            return self._cache["fs"]
+    def fs(self, against_image: bool = True) -> dict:
+        """Filesystem changes. With the image's archive in the repository (agents store it with the
+        checkpoint) and `against_image`, each changed path is also "added" or "modified"."""
+        if f"fs:{against_image}" in self._cache:
+            return self._cache[f"fs:{against_image}"]
+        if against_image:
+            doc = dict(self.fs(against_image=False))
+            paths = self._image_paths()
+            doc["image_compared"] = paths is not None
+            doc["changed"] = [{**f, "change": None if paths is None else "modified" if f["path"] in paths
+                               else "added"} for f in doc["changed"]]
+            self._cache["fs:True"] = doc
+            return doc
         changed: list[dict] = []
         diff = self.source.open("rootfs-diff.tar")
         if diff is not None:
@@ -375,8 +385,24 @@ class Checkpoint:
                 refused.append(p)
             else:
                 deleted.append(posixpath.normpath("/" + p.lstrip("/")))
-        self._cache["fs"] = {"changed": changed, "deleted": sorted(deleted), "refused_deletions": refused}
-        return self._cache["fs"]
+        self._cache["fs:False"] = {"changed": changed, "deleted": sorted(deleted), "refused_deletions": refused}
+        return self._cache["fs:False"]
+
+    def _image_paths(self) -> set[str] | None:
+        """The paths of the container's image, when the repository holds its archive; else None."""
+        from stasis.forensics.image_files import image_paths
+        from stasis.storage.artifact_file import ArtifactFile
+
+        repo, m = getattr(self, "repo", None), self.manifest
+        if repo is None or m is None:
+            return None
+        artifact = m.image or repo.image_artifact(m.container.image_id)
+        if artifact is None:
+            return None
+        with ArtifactFile(repo, artifact, what=f"the image of checkpoint {m.id}") as f:
+            paths = image_paths(f.pread, f.size, f"the image archive of checkpoint {m.id}")
+            self.image_fetched = f.fetched
+        return paths
 
     def _names(self, pattern: str) -> list[str]:
         return [n for n in self.images.names() if re.fullmatch(pattern, n)]
@@ -411,7 +437,7 @@ class Checkpoint:
                     if "/" + posixpath.normpath(m.name).lstrip("/") == want:
                         found = m
                 if found is None:
-                    if want in self.fs()["deleted"]:
+                    if want in self.fs(against_image=False)["deleted"]:
                         raise NotFound(f"{want} was deleted in the container: the checkpoint has no content for it")
                     raise NotFound(f"{want} is not among the checkpoint's changed files (the others are the "
                                    f"image's); list them with 'stasis inspect ID --fs'")

@@ -69,7 +69,7 @@ def diff(a, b) -> dict[str, Any]:
                "pages_after": mb.get(pid), "delta": mb.get(pid, 0) - ma.get(pid, 0)}
               for pid in sorted(ma.keys() | mb.keys())]
 
-    xa, xb = a.fs(), b.fs()
+    xa, xb = a.fs(against_image=False), b.fs(against_image=False)
     ca = {f["path"]: f for f in xa["changed"]}
     cb = {f["path"]: f for f in xb["changed"]}
     fs = {"added": [cb[p] for p in sorted(cb.keys() - ca.keys())],

@@ -63,11 +63,13 @@ def stasis(monkeypatch, capsys):
     return run
 
 
-def store(repo: Repository, archive: str, name: str = "web") -> Manifest:
-    """What the agent's _checkpoint does after the dump: store the archive, commit a manifest."""
+def store(repo: Repository, archive: str, name: str = "web", image: str | None = None) -> Manifest:
+    """What the agent's _checkpoint does after the dump: store the archive (and the image's
+    docker-archive, if given), commit a manifest."""
     m = Manifest(id=new_checkpoint_id(), created=now_rfc3339(), host="host-a", runtime="podman",
                  runtime_version="5", criu_version="4.1.1", container=ContainerRef("c" * 64, name, "img", "d" * 64),
-                 leave_running=True, checkpoint=repo.store_file(archive), image=None, timings={}, criu_stats={})
+                 leave_running=True, checkpoint=repo.store_file(archive),
+                 image=repo.store_file(image) if image else None, timings={}, criu_stats={})
     repo.write_manifest(m)
     return m
 
@@ -227,16 +229,18 @@ def checkpoint_container(script: str, env: dict[str, str], archive: str) -> tupl
 @pytest.fixture(scope="module")
 def stored(real_stack, tmp_path_factory):
     """A checkpoint of `sh` (pid 1, fd 3 open on /etc/passwd) and its `sleep` child, with a secret in the
-    environment and one only in sh's heap, that created /tmp/fx2-marker and deleted /bin/arch; stored
-    in a fresh encrypted file repository as the agent stores one."""
+    environment and one only in sh's heap, that created /tmp/fx2-marker, replaced /bin/false and deleted
+    /bin/arch; stored with its image in a fresh encrypted file repository as the agent stores one."""
     tmp = tmp_path_factory.mktemp("fx2")
     env_secret, heap_secret = f"envsecret-{secrets.token_hex(8)}", f"heapsecret-{secrets.token_hex(8)}"
-    script = (f"echo fx2-marker-data > /tmp/fx2-marker; rm /bin/arch; exec 3</etc/passwd; "
-              f"S=$(echo {codecs.encode(heap_secret, 'rot13')} | tr a-z n-za-m); sleep 1000 & wait")
+    script = (f"echo fx2-marker-data > /tmp/fx2-marker; rm /bin/arch; ln -sf busybox /bin/false; "
+              f"exec 3</etc/passwd; S=$(echo {codecs.encode(heap_secret, 'rot13')} | tr a-z n-za-m); sleep 1000 & wait")
     archive = str(tmp / "ckpt.tar")
     name, procs = checkpoint_container(script, {"FX_SECRET": env_secret}, archive)
+    image = str(tmp / "image.tar")
+    podman("save", "--quiet", "--format", "docker-archive", "-o", image, IMAGE)
     repo = Repository.init(f"file://{tmp}/repo", PASSWORD)
-    manifest = store(repo, archive, name)
+    manifest = store(repo, archive, name, image)
     return {"repo": repo, "manifest": manifest, "procs": procs, "env": env_secret, "heap": heap_secret,
             "script": script, "name": name, "tmp": tmp, "archive_size": os.path.getsize(archive)}
 
@@ -282,6 +286,10 @@ def test_inspect_shows_exactly_the_truth(stored, stasis):
 
     changed = {f["path"]: f for f in doc["fs"]["changed"]}
     assert changed["/tmp/fx2-marker"]["size"] == len("fx2-marker-data\n")
+    assert doc["fs"]["image_compared"] and changed["/tmp/fx2-marker"]["change"] == "added"
+    assert changed["/bin/false"] == {"path": "/bin/false", "type": "symlink", "size": 0, "mode": "0777",
+                                     "target": "busybox", "change": "modified"}
+    assert {f["change"] for f in changed.values()} == {"added", "modified"}
     assert doc["fs"]["deleted"] == ["/bin/arch"] and doc["fs"]["refused_deletions"] == []
 
     rc, out, _ = stasis("inspect", m.id, "--repo", stored["repo"].url, "--all")
@@ -712,3 +720,70 @@ def test_import_podman_export_then_inspect_and_restore(stored, stasis, tmp_path)
     restore_and_remove(str(tmp_path / "again.tar"))
     rc, out, _ = stasis("inspect", doc["checkpoint"], "--repo", url)
     assert rc == 0 and f"container    {stored['name']}" in out
+
+
+# --- reading in place from S3 -----------------------------------------------------------------------
+
+class CountingBackend:
+    """The real backend, counting the bytes every load() returns."""
+
+    def __init__(self, inner):
+        self.inner, self.loaded = inner, 0
+
+    def load(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = self.inner.load(key, offset, length)
+        self.loaded += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.e2e
+def test_questions_fetch_only_what_they_read_from_s3(real_stack, seaweedfs, monkeypatch, tmp_path, stasis):
+    """A 64 MiB memhold checkpoint in a real S3 repository (SeaweedFS): the views other than memory
+    search fetch a few percent of it; grep reads the pages; every answer is still the truth."""
+    from stasis.storage.backend import open_backend
+    from stasis.testbed.images import WORKLOAD_IMAGE, rootfs_tar
+
+    for k, v in seaweedfs.env.items():
+        monkeypatch.setenv(k, v)
+    if podman("image", "exists", WORKLOAD_IMAGE, check=False).returncode != 0:
+        podman("import", "--quiet", rootfs_tar(with_workload=True), WORKLOAD_IMAGE)
+    name, archive = f"fx4-{secrets.token_hex(4)}", str(tmp_path / "ckpt.tar")
+    try:
+        podman("run", "-d", "--network", "none", "--name", name, WORKLOAD_IMAGE, "/bin/memhold", "64", "0")
+        deadline = time.monotonic() + 60
+        while "counter=" not in podman("exec", name, "cat", "/tmp/status", check=False).stdout:
+            assert time.monotonic() < deadline, "memhold never reported its status"
+            time.sleep(0.2)
+        podman("exec", name, "sh", "-c", "echo fx4-data > /tmp/fx4-file")
+        podman("container", "checkpoint", name, "--export", archive, "--compress", "none")
+    finally:
+        podman("rm", "-f", name, check=False)
+    url = f"s3://stasis-fx4-{secrets.token_hex(4)}/repo"
+    manifest = store(Repository.init(url, PASSWORD), archive, name)
+    size = manifest.checkpoint.size
+    assert size > 64 << 20
+
+    counting = CountingBackend(open_backend(url))
+    repo = Repository.open(url, PASSWORD, backend=counting)
+    after_open = counting.loaded                     # config, keys and index files: not the checkpoint
+    with Checkpoint.open(repo, manifest.id) as ckpt:
+        procs = ckpt.processes(cmdline=True, env=True)
+        assert [p["argv"] for p in procs] == [["/bin/memhold", "64", "0"]]
+        for view in (ckpt.summary, ckpt.files, ckpt.sockets, ckpt.mounts, ckpt.maps, ckpt.stats):
+            view()
+        assert any(f["path"] == "/tmp/fx4-file" for f in ckpt.fs()["changed"])
+        out = io.BytesIO()
+        assert ckpt.dump_file("/tmp/fx4-file", out)["size"] == 9 and out.getvalue() == b"fx4-data\n"
+        views = counting.loaded - after_open      # the manifest (its chunk list), then what the views read
+        assert 0 < ckpt.fetched_bytes < views < size // 20, (ckpt.fetched_bytes, views, size)
+        # Memory search reads every page, each chunk once.
+        assert ckpt.grep("fx4-not-in-memory-at-all")["hits"] == []
+        assert size // 2 < counting.loaded - after_open < size * 2
+
+    # The CLI answers the same from S3.
+    rc, out, err = stasis("inspect", manifest.id, "--repo", url, "--ps", "--cmdline", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["processes"][0]["argv"] == ["/bin/memhold", "64", "0"]
