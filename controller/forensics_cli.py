@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from stasis.errors import IntegrityError, InvalidArgument, StasisError
 
-VIEWS = ("ps", "files", "sockets", "mounts", "maps", "stats", "fs")
+VIEWS = ("ps", "files", "sockets", "namespaces", "mounts", "maps", "stats", "fs")
 
 
 def open_repository(args):
@@ -64,7 +64,8 @@ def inspect_doc(ckpt, args) -> dict:
     doc: dict[str, Any] = {"summary": ckpt.summary()}
     if "ps" in want:
         doc["processes"] = ckpt.processes(cmdline=args.cmdline or args.all, env=args.env or args.all)
-    for view, fn in (("files", ckpt.files), ("sockets", ckpt.sockets), ("mounts", ckpt.mounts),
+    for view, fn in (("files", ckpt.files), ("sockets", ckpt.sockets), ("namespaces", ckpt.namespaces),
+                     ("mounts", ckpt.mounts),
                      ("maps", ckpt.maps), ("stats", ckpt.stats), ("fs", ckpt.fs)):
         if view in want:
             doc[view] = fn()
@@ -240,12 +241,22 @@ def render_inspect(doc: dict) -> list[str]:
         rows = []
         for k in doc["sockets"]:
             who = ",".join(f"{h['pid']}:{h['fd']}" for h in k["held_by"]) or "-"
+            queues = [k["recv_queue_bytes"], k["send_queue_bytes"]]
             if k["family"] == "unix":
-                rows.append(["unix", k["type"], k["state"], k["address"] or "-", f"peer {k['peer'] or '-'}", who])
+                rows.append(["unix", k["type"], k["state"], *queues, k["address"] or "-", f"peer {k['peer'] or '-'}",
+                             who])
             else:
-                rows.append([k["proto"], k["type"], k["state"], f"{k['local']}:{k['local_port']}",
+                rows.append([k["proto"], k["type"], k["state"], *queues, f"{k['local']}:{k['local_port']}",
                              f"{k['remote']}:{k['remote_port']}", who])
-        out += ["", "sockets", *_table(rows, ["PROTO", "TYPE", "STATE", "LOCAL", "REMOTE", "PID:FD"])]
+        out += ["", "sockets", *_table(rows, ["PROTO", "TYPE", "STATE", "RECV-Q", "SEND-Q", "LOCAL", "REMOTE",
+                                              "PID:FD"])]
+    if "namespaces" in doc:
+        rows = []
+        for kind, spaces in doc["namespaces"]["namespaces"].items():
+            for ns in spaces:
+                rows.append([kind, ns["id"], "own" if ns["own"] else "host" if ns["own"] is False else "?",
+                             ",".join(map(str, ns["pids"])), _ns_details(kind, ns)])
+        out += ["", "namespaces", *_table(rows, ["KIND", "ID", "OWNER", "PIDS", "RECORDED"])]
     if "mounts" in doc:
         rows = [[m["mountpoint"], m["fstype"], m["source"], m["options"][:60]] for m in doc["mounts"]]
         out += ["", "mounts", *_table(rows, ["MOUNTPOINT", "TYPE", "SOURCE", "OPTIONS"])]
@@ -265,6 +276,19 @@ def render_inspect(doc: dict) -> list[str]:
         rows += [["REFUSED", "", "", p] for p in fs["refused_deletions"]]
         out += ["", "filesystem changes", *_table(rows, ["CHANGE", "TYPE", "SIZE", "PATH"])]
     return out
+
+
+def _ns_details(kind: str, ns: dict) -> str:
+    """A line of what CRIU recorded about one namespace."""
+    if kind == "uts" and "nodename" in ns:
+        return f"hostname {ns['nodename']}, domain {ns.get('domainname', '')}"
+    if kind == "net" and "interfaces" in ns:
+        return "; ".join(f"{i['name']} {' '.join(i.get('addresses') or [])}".strip() for i in ns["interfaces"])
+    if kind == "mnt" and "mounts" in ns:
+        return f"{ns['mounts']} mounts"
+    if kind == "user" and ns.get("uid_map"):
+        return f"uid map {ns['uid_map']}"
+    return ""
 
 
 def render_diff(doc: dict) -> list[str]:
@@ -336,7 +360,9 @@ def add_commands(sub, common, add) -> None:
     _repo_args(p)
     for view, text in (("ps", "process tree: pid, ppid, comm, state, uid/gid, capabilities"),
                        ("files", "open files per process (fd, type, path), cwd, root, exe"),
-                       ("sockets", "unix and inet sockets: addresses, ports, state, holders"),
+                       ("sockets", "unix and inet sockets: addresses, ports, state, bytes queued, holders"),
+                       ("namespaces", "namespaces: which processes share each, the container's own or the "
+                                      "host's, hostname, interfaces, mounts, ipc limits"),
                        ("mounts", "the container's mounts"), ("maps", "memory mappings with permissions"),
                        ("stats", "CRIU dump statistics"),
                        ("fs", "filesystem changes: files added or modified (when the repository holds the image), "

@@ -6,7 +6,7 @@ storage.artifact_file.ArtifactFile, so a question fetches only the chunks it rea
 the small CRIU images it decodes, the pages it looks at. rootfs-diff.tar is read the same way, its
 headers for a listing and one member's bytes for dump-file.
 
-Views (summary, processes, files, sockets, mounts, maps, stats, fs) and grep() return plain dicts
+Views (summary, processes, files, sockets, namespaces, mounts, maps, stats, fs) and grep() return plain dicts
 and lists, ready for JSON.
 """
 
@@ -28,6 +28,8 @@ from stasis.forensics.archive import (SMALL_FILES, ArchiveError, ArchiveIndex, F
                                       check_member)
 from stasis.forensics.images import ImageError, read_image
 from stasis.forensics.memory import PAGE_SIZE, PE_PARENT, PE_PRESENT, ProcessMemory
+from stasis.forensics.namespaces import namespaces
+from stasis.forensics.socket_queues import queued
 
 __all__ = ["ArchiveError", "Checkpoint", "check_member"]
 
@@ -294,11 +296,20 @@ class Checkpoint:
             img = self._img(name, kind)
             for e in img.entries if img else ():
                 entries.append((e.id, e, None) if kind == "unixsk" else (e.id, None, e))
+        queues = queued(self._img, self._names)
         for fid, usk, isk in entries:
+            # Bytes waiting: a unix socket's receive queue (sk-queues.img), a TCP connection's queues
+            # (tcp-stream-INO.img, with --tcp-established); sizes only, never the bytes.
+            q = queues["by_id"].get(fid, {})
+            tcp = queues["tcp_by_inode"].get(isk.ino, {}) if isk is not None else {}
+            waiting = {"recv_queue_bytes": tcp.get("recv_queue_bytes", q.get("recv_queue_bytes", 0)),
+                       "recv_queue_packets": q.get("recv_queue_packets", 0),
+                       "send_queue_bytes": tcp.get("send_queue_bytes", 0)}
             if usk is not None:
                 out.append({"family": "unix", "ino": usk.ino, "type": SOCK_TYPES.get(usk.type, str(usk.type)),
                             "state": TCP_STATES.get(usk.state, str(usk.state)), "address": _unix_name(usk),
-                            "peer": usk.peer or None, "backlog": usk.backlog, "held_by": holders.get(fid, [])})
+                            "peer": usk.peer or None, "backlog": usk.backlog, **waiting,
+                            "held_by": holders.get(fid, [])})
             else:
                 family = "inet6" if isk.family == socket.AF_INET6 else "inet"
                 out.append({"family": family, "ino": isk.ino, "proto": IP_PROTOS.get(isk.proto, str(isk.proto)),
@@ -306,8 +317,12 @@ class Checkpoint:
                             "state": TCP_STATES.get(isk.state, str(isk.state)),
                             "local": _addr(isk.family, isk.src_addr), "local_port": isk.src_port,
                             "remote": _addr(isk.family, isk.dst_addr), "remote_port": isk.dst_port,
-                            "backlog": isk.backlog, "held_by": holders.get(fid, [])})
+                            "backlog": isk.backlog, **waiting, "held_by": holders.get(fid, [])})
         return out
+
+    def namespaces(self) -> dict:
+        """Which processes share which namespaces, and what CRIU recorded of each (forensics.namespaces)."""
+        return namespaces(self._img, self._names, self._pids, self._ids, raw=self.images.read)
 
     def mounts(self) -> list[dict]:
         from stasis.forensics.criu_pb import mnt_pb2

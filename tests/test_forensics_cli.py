@@ -276,6 +276,10 @@ def test_inspect_shows_exactly_the_truth(stored, stasis):
         assert fds[1][0] == "PIPE" and fds[1][1].startswith("pipe:[")
         assert files[pid]["exe"] == "/bin/busybox" and files[pid]["cwd"] == "/" and files[pid]["root"] == "/"
     assert doc["sockets"] == []                       # --network none, and nothing opened one
+    spaces = doc["namespaces"]["namespaces"]
+    for kind in ("pid", "mnt", "uts", "ipc", "net"):  # the container's own, holding both processes
+        assert [(x["own"], x["pids"]) for x in spaces[kind]] == [(True, sorted(procs))], kind
+    assert spaces["mnt"][0]["mounts"] == len(doc["mounts"])
 
     assert any(x["mountpoint"] == "/" and x["fstype"] == "overlayfs" for x in doc["mounts"])
     assert any(x["mountpoint"] == "/proc" for x in doc["mounts"])
