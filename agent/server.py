@@ -112,7 +112,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         return pb.CheckMigrationResponse()
 
     async def FetchCheckpoint(self, request, context):
-        async for chunk in self.service.fetch(request.checkpoint_id, request.ticket):
+        async for chunk in self.service.fetch(request.checkpoint_id, request.ticket, request.zstd):
             yield chunk
 
     async def RelayPages(self, request_iterator, context):

@@ -405,14 +405,14 @@ class AgentService:
         return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit, peer,
                                                               ignore_volumes))
 
-    async def fetch(self, checkpoint_id: str, ticket: bytes):
+    async def fetch(self, checkpoint_id: str, ticket: bytes, compress: bool = False):
         """Serve a held checkpoint to the peer agent the controller's ticket names."""
         caller = CALLER.get()
         if self.tickets is not None:
             if caller is None or caller.kind != "agent":
                 raise PermissionDenied("only a peer agent with a migration ticket may fetch checkpoints")
             self.tickets.check(ticket, checkpoint_id, caller.name)
-        async for chunk in transfer.send(self.spool, self.signer, checkpoint_id):
+        async for chunk in transfer.send(self.spool, self.signer, checkpoint_id, compress):
             yield chunk
 
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit,

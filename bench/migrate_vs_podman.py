@@ -42,6 +42,7 @@ from stasis.testbed.seaweed import SeaweedFS
 COLUMNS = ["dump", "transfer", "restore", "downtime"]
 BASELINE, FLOOR = "podman export + S3 + import", "local floor (podman, one host)"
 DIRECT, REPO, POST = "stasis direct", "stasis via repository", "stasis post-copy"
+SHORT = {BASELINE: "baseline", FLOOR: "floor", DIRECT: "direct", REPO: "repo", POST: "post-copy"}
 
 
 def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict[str, float]:
@@ -86,11 +87,13 @@ def stasis(cluster: Cluster, name: str, *extra: str) -> dict[str, float]:
             "downtime": job["downtime_seconds"]}
 
 
-def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: int) -> dict[str, dict]:
+def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: int,
+             only: list[str]) -> dict[str, dict]:
     a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
     methods = {BASELINE: lambda n: baseline(cluster, seaweed, n, base), FLOOR: lambda n: floor(cluster, n),
                DIRECT: lambda n: stasis(cluster, n), REPO: lambda n: stasis(cluster, n, "--via-repository"),
                POST: lambda n: stasis(cluster, n, "--post-copy")}
+    methods = {label: m for label, m in methods.items() if SHORT[label] in only}
     results: dict[str, list[dict[str, float]]] = {label: [] for label in methods}
     for r in range(rounds):
         for i, (label, method) in enumerate(methods.items()):
@@ -109,6 +112,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, nargs="+", default=[256])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", nargs="+", choices=list(SHORT.values()), default=list(SHORT.values()),
+                        help="rows to run (default: all; the ratios need baseline and floor)")
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="stasis-bench-", dir="/var/tmp")
     seaweed = SeaweedFS(os.path.join(base, "seaweedfs")).start()
@@ -123,7 +128,7 @@ def main() -> int:
         a.import_image(WORKLOAD_IMAGE)
         b.import_image(WORKLOAD_IMAGE)
         for mib in args.mib:
-            table[mib] = run_size(cluster, seaweed, base, mib, args.rounds)
+            table[mib] = run_size(cluster, seaweed, base, mib, args.rounds, args.only)
     finally:
         cluster.stop()
         seaweed.stop()
@@ -134,9 +139,9 @@ def main() -> int:
     print(f"{'MiB':>6}  {'':32}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'/baseline':>11}{'/floor':>8}")
     for mib, rows in table.items():
         for label, row in rows.items():
-            print(f"{mib:>6}  {label:32}" + "".join(f"{row[c]:>10.2f}" for c in COLUMNS) +
-                  f"{row['downtime'] / rows[BASELINE]['downtime']:>11.2f}"
-                  f"{row['downtime'] / rows[FLOOR]['downtime']:>8.2f}")
+            ratios = [f"{row['downtime'] / rows[ref]['downtime']:>{w}.2f}" if ref in rows else f"{'-':>{w}}"
+                      for ref, w in ((BASELINE, 11), (FLOOR, 8))]
+            print(f"{mib:>6}  {label:32}" + "".join(f"{row[c]:>10.2f}" for c in COLUMNS) + "".join(ratios))
     print(json.dumps({"rounds": args.rounds, "median": table}))
     return 0
 

@@ -170,22 +170,26 @@ class CheckMigrationResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class FetchCheckpointRequest(_message.Message):
-    __slots__ = ("checkpoint_id", "ticket")
+    __slots__ = ("checkpoint_id", "ticket", "zstd")
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    ZSTD_FIELD_NUMBER: _ClassVar[int]
     checkpoint_id: str
     ticket: bytes
-    def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ...) -> None: ...
+    zstd: bool
+    def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., zstd: _Optional[bool] = ...) -> None: ...
 
 class TransferChunk(_message.Message):
-    __slots__ = ("offer", "data", "seal")
+    __slots__ = ("offer", "data", "seal", "zdata")
     OFFER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
+    ZDATA_FIELD_NUMBER: _ClassVar[int]
     offer: bytes
     data: bytes
     seal: bytes
-    def __init__(self, offer: _Optional[bytes] = ..., data: _Optional[bytes] = ..., seal: _Optional[bytes] = ...) -> None: ...
+    zdata: bytes
+    def __init__(self, offer: _Optional[bytes] = ..., data: _Optional[bytes] = ..., seal: _Optional[bytes] = ..., zdata: _Optional[bytes] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
     __slots__ = ("container", "argv", "timeout_seconds")
