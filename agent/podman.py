@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from stasis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 log = structlog.get_logger("stasis.agent")
 # Post-copy requests for the runc wrapper (scripts/runc-postcopy.sh reads the same folder).
 LAZY_REQUESTS = "/run/stasis/lazy"
+WRAPPER = "/usr/local/lib/stasis/runc"     # scripts/runc-postcopy.sh, installed by provisioning
+F_SETPIPE_SZ = 1031
 
 # What a migration must carry besides memory and files, as podman's own export can: established TCP
 # connections (the container's own network namespace moves with it) and file locks. Harmless when
@@ -40,6 +43,10 @@ class PodmanRuntime(Runtime):
         # The last inspection of each container: a post-copy dump reuses the agent's own, taken a
         # moment before, instead of paying for another podman call while the clock runs.
         self._inspected: dict[str, tuple[float, dict]] = {}
+        # podman checkpoints still finishing their own (discarded) export after a migration's archive
+        # was built: resume and remove wait for them, so podman's state is settled first.
+        self._finishing: dict[str, asyncio.Future] = {}
+        self._wrapper: bool | None = None
 
     async def _podman(self, *args: str, timeout: float = 120.0, check: bool = True):
         return await run([self.podman, *args], timeout=timeout, check=check)
@@ -140,18 +147,102 @@ class PodmanRuntime(Runtime):
         with open(self._request(container_id, kind), "w") as f:
             f.write(f"{port}\n")
 
-    async def checkpoint_post_copy(self, name: str, archive: str, scratch: str, ignore_volumes: bool, port: int,
-                                   images_ready: Callable[[float], Awaitable[None]]) -> DumpStats:
+    async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
+                                      ignore_volumes: bool = False) -> DumpStats:
+        if not await self._wrapped():   # provisioning not rerun since the wrapper learnt notices
+            return await self.checkpoint(name, archive, False, ignore_volumes)
+        c = await self._container_state(name)
+        cid, static, upper, volumes = self._layout(c, ignore_volumes)
+        self._clear_requests(cid, "dumped")
+        self._ask(cid, "notify", 0)
+        # podman writes config.dump and spec.dump only when it exports, and its export (single-threaded,
+        # ~2 CPU-seconds a GiB) would hold the transfer back. So the wrapper says when CRIU is done and
+        # the archive is built here at once, while podman exports into a pipe read and thrown away (no
+        # disk writes). It is never paused: podman may hold storage locks while it exports.
+        export = os.path.join(scratch, "podman-export.fifo")
+        os.mkfifo(export, 0o600)
+        sink = os.open(export, os.O_RDONLY | os.O_NONBLOCK)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(sink, F_SETPIPE_SZ, 1 << 20)
+        args = ["container", "checkpoint", name, "--export", export, "--compress", "none", "--print-stats",
+                *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
+        started = time.monotonic()
+        dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
+        finishing = asyncio.ensure_future(self._finish_export(name, dump, sink))
+        dumped = self._request(cid, "dumped")
+        try:
+            while not dump.done() and not os.path.exists(dumped):
+                await asyncio.sleep(0.005)
+            status = ""
+            if os.path.exists(dumped):
+                with open(dumped) as f:
+                    status = f.read().strip()
+            if status != "0":
+                out = await dump
+                raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
+            dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
+            await asyncio.to_thread(podman_archive.write, archive, static, upper, volumes, dumps)
+        except BaseException:
+            await asyncio.gather(finishing, return_exceptions=True)
+            raise
+        finally:
+            self._clear_requests(cid, "notify", "dumped")
+        self._finishing[name] = finishing
+        return DumpStats(time.monotonic() - started, _stats(dumps.get("stats-dump")))
+
+    async def _finish_export(self, name: str, dump: asyncio.Future, sink: int) -> None:
+        """Read podman's export out of its pipe and throw it away until podman exits."""
+        try:
+            os.set_blocking(sink, True)
+            while not dump.done():   # a read returns b"" only while podman has the pipe closed
+                if not await asyncio.to_thread(_discard, sink):
+                    await asyncio.sleep(0.01)
+            out = await dump
+            if out.returncode != 0:   # CRIU was done; only podman's bookkeeping after it failed
+                log.warning("podman's checkpoint ended with an error after the archive was built",
+                            container=name, error=_criu_tail(out.stderr))
+        finally:
+            os.close(sink)
+
+    async def _settled(self, name: str) -> None:
+        finishing = self._finishing.pop(name, None)
+        if finishing is not None:
+            await asyncio.gather(finishing, return_exceptions=True)
+
+    async def _wrapped(self) -> bool:
+        """Whether podman's runc is our wrapper, and one that sends dump notices."""
+        if self._wrapper is None:
+            out = await self._podman("info", "--format", "{{.Host.OCIRuntime.Path}}", check=False)
+            try:
+                with open(WRAPPER) as f:
+                    notices = "notify" in f.read()
+            except OSError:
+                notices = False
+            self._wrapper = out.returncode == 0 and out.stdout.strip() == WRAPPER and notices
+        return self._wrapper
+
+    async def _container_state(self, name: str) -> dict:
         when, c = self._inspected.pop(check_name(name), (0.0, {}))
         if time.monotonic() - when > 5.0 or c.get("State", {}).get("Status") != "running":
             out = await self._podman("container", "inspect", "--format", "json", name)
             c = json.loads(out.stdout)[0]
-        cid, static = c["Id"], c["StaticDir"]
+        return c
+
+    @staticmethod
+    def _layout(c: dict, ignore_volumes: bool) -> tuple[str, str, str, dict[str, str]]:
+        """(id, state folder, overlay upper folder, named volumes to carry) of an inspected container."""
         upper = ((c.get("GraphDriver") or {}).get("Data") or {}).get("UpperDir", "")
         if not upper:
-            raise FailedPrecondition(f"{name} has no overlay upper folder; post-copy needs the overlay driver")
+            raise FailedPrecondition(f"{c.get('Name', '?')} has no overlay upper folder; stasis needs podman's "
+                                     f"overlay storage driver to build the migration archive")
         volumes = {} if ignore_volumes else {m["Name"]: m["Source"] for m in c.get("Mounts") or []
                                              if m.get("Type") == "volume"}
+        return c["Id"], c["StaticDir"], upper, volumes
+
+    async def checkpoint_post_copy(self, name: str, archive: str, scratch: str, ignore_volumes: bool, port: int,
+                                   images_ready: Callable[[float], Awaitable[None]]) -> DumpStats:
+        c = await self._container_state(name)
+        cid, static, upper, volumes = self._layout(c, ignore_volumes)
         self._clear_requests(cid, "ready", "runc")
         self._ask(cid, "dump", port)
         # podman writes config.dump and spec.dump only when it exports; its export itself comes
@@ -215,12 +306,14 @@ class PodmanRuntime(Runtime):
 
     async def resume(self, name: str) -> None:
         check_name(name)
+        await self._settled(name)
         out = await self._podman("container", "restore", name, *CARRY, timeout=DUMP_TIMEOUT, check=False)
         if out.returncode != 0:
             raise RuntimeFailure(f"could not resume {name} from its local checkpoint: {_criu_tail(out.stderr)}")
 
     async def remove(self, name: str, force: bool = False) -> None:
         check_name(name)
+        await self._settled(name)
         out = await self._podman("rm", *(["--force", "--time", "0"] if force else []), name, check=False)
         if out.returncode != 0:
             if "no such container" in out.stderr.lower():
@@ -253,6 +346,29 @@ class PodmanRuntime(Runtime):
 
     async def image_load(self, archive: str) -> None:
         await self._podman("load", "--quiet", "-i", archive, timeout=DUMP_TIMEOUT)
+
+
+def _discard(fd: int) -> int:
+    """Read a pipe until its writer closes it; how many bytes went."""
+    total = 0
+    while data := os.read(fd, 1 << 20):
+        total += len(data)
+    return total
+
+
+def _stats(raw: bytes | None) -> dict[str, int]:
+    """CRIU's dump statistics from its stats-dump image (what podman's --print-stats reports)."""
+    if not raw:
+        return {}
+    try:
+        from stasis.forensics.images import ImageError, read_image
+
+        entries = read_image(raw, "stats-dump", "stats").entries
+    except (ImportError, ImageError):
+        return {}
+    if not entries or not entries[0].HasField("dump"):
+        return {}
+    return {f.name: int(v) for f, v in entries[0].dump.ListFields()}
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -1,10 +1,12 @@
-"""Podman's checkpoint archive, written by us from the container's state while CRIU still holds it.
+"""Podman's checkpoint archive, written by us from the container's state.
 
 A post-copy dump never returns to podman before the destination has taken every page, so podman's
-own `--export` comes too late. The layout `podman container restore --import` reads is rebuilt
-here from what podman and CRIU have already written: CRIU's images, config.dump and spec.dump (in
-the container's state folder), the root filesystem's changes (its overlay upper folder), /dev/shm
-and named volumes. The container is frozen meanwhile, so none of it changes under us.
+own `--export` comes too late; and in a stop-and-copy migration podman's single-threaded export
+would hold the transfer back for seconds after CRIU is done. The layout that `podman container
+restore --import` reads is rebuilt here from what podman and CRIU have already written: CRIU's
+images, config.dump and spec.dump (in the container's state folder), the root filesystem's changes
+(its overlay upper folder), /dev/shm and named volumes. The container is frozen (post-copy) or
+stopped (stop-and-copy) meanwhile, so none of it changes under us.
 """
 
 from __future__ import annotations
@@ -62,14 +64,36 @@ def _tree(folder: str) -> list[tuple[str, str, bool]]:
     return [(os.path.join(folder, n), n, True) for n in names]
 
 
-def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str]) -> None:
-    """Write the import archive; `volumes` maps a named volume to its folder ({} leaves them out)."""
-    with tarfile.open(archive, "w") as tar:
+def read_dumps(static_dir: str) -> dict[str, bytes]:
+    """config.dump, spec.dump (podman writes them before CRIU runs) and stats-dump (CRIU's, at its
+    end): podman deletes all three once its own export is done, so they are taken early."""
+    out = {}
+    for name in ("config.dump", "spec.dump", "stats-dump"):
+        try:
+            with open(os.path.join(static_dir, name), "rb") as f:
+                out[name] = f.read()
+        except FileNotFoundError:
+            if name != "stats-dump":
+                raise
+    return out
+
+
+def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str],
+          dumps: dict[str, bytes] | None = None) -> None:
+    """Write the import archive; `volumes` maps a named volume to its folder ({} leaves them out);
+    `dumps`: read_dumps() taken earlier (default: read now)."""
+    dumps = dumps if dumps is not None else read_dumps(static_dir)
+    with tarfile.open(archive, "w", copybufsize=1 << 20) as tar:
         tar.add(os.path.join(static_dir, "checkpoint"), arcname="checkpoint")
-        for name in ("config.dump", "spec.dump"):
-            tar.add(os.path.join(static_dir, name), arcname=name)
-        # Written by podman after CRIU returns; a container without a network of its own has "null".
-        _add_bytes(tar, "network.status", b"null")
+        for name, data in dumps.items():
+            _add_bytes(tar, name, data)
+        # podman's record of the container's network (written when it started); "null" without one.
+        try:
+            with open(os.path.join(static_dir, "network.status"), "rb") as f:
+                status = f.read(1 << 20)
+        except FileNotFoundError:
+            status = b"null"
+        _add_bytes(tar, "network.status", status)
         _add_nested(tar, "devshm-checkpoint.tar", _tree(os.path.join(static_dir, "shm")))
         changed, deleted = rootfs_changes(upper)
         _add_nested(tar, "rootfs-diff.tar", [(os.path.join(upper, rel), rel, False) for rel in changed])

@@ -74,6 +74,13 @@ class Runtime(abc.ABC):
         `pages_port`: post-copy; memory comes lazily from 127.0.0.1:`pages_port` (the relay to the
         source) for the container `container_id`."""
 
+    async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
+                                      ignore_volumes: bool = False) -> DumpStats:
+        """A migration's stopping dump into `archive`, which a peer reads as it grows; returns once the
+        archive is complete. `scratch`: a folder for the engine's own leftovers. By default, the
+        engine's own export."""
+        return await self.checkpoint(name, archive, False, ignore_volumes)
+
     #: post-copy: the dump keeps memory in place and serves it lazily; restore runs before it arrives
     supports_post_copy: bool = False
 

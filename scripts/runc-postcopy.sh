@@ -1,5 +1,5 @@
 #!/bin/bash
-# stasis: podman's runc, with post-copy (lazy pages) for the containers the agent asks it for.
+# stasis: podman's runc, with post-copy (lazy pages) and dump notices for the containers the agent asks.
 #
 # podman 4.3 has no lazy-pages options, so provisioning names this script as podman's "runc"
 # (containers.conf [engine.runtimes]). For every other call it is runc itself (exec, same pid).
@@ -7,6 +7,9 @@
 #   REQ/ID.dump     PORT   checkpoint: CRIU keeps the memory and serves it from 127.0.0.1:PORT
 #                          (runc.conf says `address 127.0.0.1`); the images are complete once
 #                          REQ/ID.ready holds a byte; REQ/ID.runc names runc's pid (to abort).
+#   REQ/ID.notify   0      checkpoint (stop-and-copy migration): run runc as usual, then write its
+#                          exit status to REQ/ID.dumped: the images are complete the moment it
+#                          appears, before podman's own export has even begun.
 #   REQ/ID.restore  PORT   restore: start CRIU's lazy-pages daemon, fetching from 127.0.0.1:PORT
 #                          (the agent's authenticated relay to the source), then restore lazily;
 #                          REQ/ID.daemon names the daemon's pid, REQ/ID.lazy.log is its log.
@@ -23,6 +26,13 @@ id=${args[-1]}
 for i in "${!args[@]}"; do
     case ${args[$i]} in
     checkpoint)
+        if ! fresh "$REQ/$id.dump" && fresh "$REQ/$id.notify"; then
+            rm -f "$REQ/$id.notify"
+            "$REAL" "$@"
+            rc=$?
+            echo "$rc" > "$REQ/$id.dumped.tmp" && mv "$REQ/$id.dumped.tmp" "$REQ/$id.dumped"
+            exit "$rc"
+        fi
         fresh "$REQ/$id.dump" || break
         read -r port < "$REQ/$id.dump"
         rm -f "$REQ/$id.dump"

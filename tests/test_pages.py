@@ -106,3 +106,26 @@ def test_the_import_archive_is_podmans_layout(tmp_path):
             assert v.extractfile("f").read() == b"volume data"
         with tarfile.open(fileobj=tar.extractfile("devshm-checkpoint.tar")) as shm:
             assert shm.getnames() == ["seg"]
+
+
+def test_dumps_taken_early_survive_podman_deleting_them(tmp_path):
+    """podman deletes config.dump, spec.dump and stats-dump once its own export is done: the archive
+    is built from the copies read when CRIU finished, with podman's network.status as it recorded it."""
+    static, upper = tmp_path / "userdata", tmp_path / "upper"
+    (static / "checkpoint").mkdir(parents=True)
+    upper.mkdir()
+    (static / "checkpoint" / "core-1.img").write_bytes(b"core")
+    for name, data in (("config.dump", b'{"id": 1}'), ("spec.dump", b'{"oci": 1}'), ("stats-dump", b"stats")):
+        (static / name).write_bytes(data)
+    (static / "network.status").write_bytes(b'{"eth0": {}}')
+    dumps = podman_archive.read_dumps(str(static))
+    for name in ("config.dump", "spec.dump", "stats-dump"):
+        (static / name).unlink()
+    archive = tmp_path / "out.tar"
+    podman_archive.write(str(archive), str(static), str(upper), {}, dumps)
+    with tarfile.open(archive) as tar:
+        got = {n: tar.extractfile(n).read() for n in ("config.dump", "spec.dump", "stats-dump", "network.status")}
+    assert got == {"config.dump": b'{"id": 1}', "spec.dump": b'{"oci": 1}', "stats-dump": b"stats",
+                   "network.status": b'{"eth0": {}}'}
+    with pytest.raises(FileNotFoundError):     # without podman's config the archive cannot be imported
+        podman_archive.read_dumps(str(static))
