@@ -14,7 +14,6 @@ checkpoint then reads just the members, or the parts of a member, it needs.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import tarfile
@@ -22,6 +21,7 @@ import zlib
 from typing import Callable
 
 from stasis.errors import IntegrityError
+from stasis.storage.artifact_file import Window
 
 IMG_NAME = re.compile(r"checkpoint/([A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.img)")
 TOP_FILES = ("stats-dump", "config.dump", "spec.dump", "deleted.files", "rootfs-diff.tar")
@@ -110,45 +110,6 @@ def add_to_total(total: int, member: tarfile.TarInfo) -> int:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-class Window:
-    """A read-only, seekable view of [start, start+size) of something read by position."""
-
-    def __init__(self, pread: Pread, start: int, size: int, name: str = ""):
-        self._pread, self._start, self.size, self.name, self._pos = pread, start, size, name, 0
-
-    def read(self, n: int = -1) -> bytes:
-        left = self.size - self._pos
-        n = left if n is None or n < 0 else min(n, left)
-        data = self._pread(self._start + self._pos, n) if n > 0 else b""
-        self._pos += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "Window":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 class ArchiveIndex:

@@ -2,7 +2,7 @@
 
 rootfs-diff.tar alone cannot tell a file the container added from one it modified: both are simply
 in the overlay's upper layer. The image says which paths existed before the container ran. The
-archive is read in place like a checkpoint's (forensics.archive.Window over a positional read):
+archive is read in place like a checkpoint's (storage.artifact_file.Window over a positional read):
 manifest.json, then each layer's tar headers in order, whiteouts applied as overlayfs does.
 
 The archive comes from the repository (authenticated), but its names are still only strings here:
@@ -16,7 +16,8 @@ import posixpath
 import tarfile
 import zlib
 
-from stasis.forensics.archive import ArchiveError, Pread, Window, _first_line
+from stasis.forensics.archive import ArchiveError, Pread, _first_line
+from stasis.storage.artifact_file import Window
 
 MAX_LAYERS = 512
 MAX_ENTRIES = 2_000_000        # paths across every layer

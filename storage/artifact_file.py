@@ -25,34 +25,18 @@ from stasis.storage.pack import decode_blob
 CACHE_BYTES = 32 << 20
 
 
-class ArtifactFile(io.RawIOBase):
-    def __init__(self, repo, artifact: Artifact, what: str = "checkpoint"):
-        super().__init__()
-        self.repo, self.artifact, self.what = repo, artifact, what
-        self.size = artifact.size
-        self.fetched = 0          # bytes loaded from the backend: what a question cost
-        self._offsets = array("q", [0])
-        for _, size in artifact.chunks():
-            self._offsets.append(self._offsets[-1] + size)
-        if any(self.artifact.ids[i:i + ID_BYTES] not in repo.index
-               for i in range(0, len(self.artifact.ids), ID_BYTES)):
-            repo.refresh_index()
-        self._pos = 0
-        self._cache: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
-        self._cached = 0
-        self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+class Window:
+    """A read-only, seekable file over [start, start+size) of anything read by position (`pread`)."""
 
-    # ------------------------------------------------------------------ file protocol
+    def __init__(self, pread, start: int, size: int, name: str = ""):
+        self._pread, self._start, self.size, self.name, self._pos = pread, start, size, name, 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        data = self._pread(self._start + self._pos, n) if n > 0 else b""
+        self._pos += len(data)
+        return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
@@ -61,23 +45,46 @@ class ArtifactFile(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def read(self, n: int = -1) -> bytes:
-        n = self.size - self._pos if n is None or n < 0 else n
-        data = self.pread(self._pos, n)
-        self._pos += len(data)
-        return data
+    def tell(self) -> int:
+        return self._pos
 
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ArtifactFile(Window):
+    def __init__(self, repo, artifact: Artifact, what: str = "checkpoint"):
+        super().__init__(self.pread, 0, artifact.size, what)
+        self.repo, self.artifact, self.what = repo, artifact, what
+        self.fetched = 0          # bytes loaded from the backend: what a question cost
+        self._offsets = array("q", [0])
+        for _, size in artifact.chunks():
+            self._offsets.append(self._offsets[-1] + size)
+        if any(self.artifact.ids[i:i + ID_BYTES] not in repo.index
+               for i in range(0, len(self.artifact.ids), ID_BYTES)):
+            repo.refresh_index()
+        self._cache: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+        self._cached = 0
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._cache.clear()
-        super().close()
 
     # ------------------------------------------------------------------ reading
 
