@@ -8,7 +8,9 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
@@ -159,7 +161,10 @@ class PodmanRuntime(Runtime):
         # ~2 CPU-seconds a GiB) would hold the transfer back. So the wrapper says when CRIU is done and
         # the archive is built here at once, while podman exports into a pipe read and thrown away (no
         # disk writes). It is never paused: podman may hold storage locks while it exports.
-        export = os.path.join(scratch, "podman-export.fifo")
+        # Beside `scratch`, not in it: the caller removes scratch when the archive is built, which may
+        # be before podman opens the pipe; _finish_export removes this folder when podman is done.
+        folder = tempfile.mkdtemp(prefix="podman-export-", dir=os.path.dirname(scratch.rstrip("/")))
+        export = os.path.join(folder, "export.fifo")
         os.mkfifo(export, 0o600)
         sink = os.open(export, os.O_RDONLY | os.O_NONBLOCK)
         with contextlib.suppress(OSError):
@@ -168,7 +173,7 @@ class PodmanRuntime(Runtime):
                 *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
         started = time.monotonic()
         dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
-        finishing = asyncio.ensure_future(self._finish_export(name, dump, sink))
+        finishing = asyncio.ensure_future(self._finish_export(name, dump, sink, folder))
         dumped = self._request(cid, "dumped")
         try:
             while not dump.done() and not os.path.exists(dumped):
@@ -190,7 +195,7 @@ class PodmanRuntime(Runtime):
         self._finishing[name] = finishing
         return DumpStats(time.monotonic() - started, _stats(dumps.get("stats-dump")))
 
-    async def _finish_export(self, name: str, dump: asyncio.Future, sink: int) -> None:
+    async def _finish_export(self, name: str, dump: asyncio.Future, sink: int, folder: str) -> None:
         """Read podman's export out of its pipe and throw it away until podman exits."""
         try:
             os.set_blocking(sink, True)
@@ -203,6 +208,7 @@ class PodmanRuntime(Runtime):
                             container=name, error=_criu_tail(out.stderr))
         finally:
             os.close(sink)
+            shutil.rmtree(folder, ignore_errors=True)
 
     async def _settled(self, name: str) -> None:
         finishing = self._finishing.pop(name, None)
