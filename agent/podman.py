@@ -196,17 +196,25 @@ class PodmanRuntime(Runtime):
         return DumpStats(time.monotonic() - started, _stats(dumps.get("stats-dump")))
 
     async def _finish_export(self, name: str, dump: asyncio.Future, sink: int, folder: str) -> None:
-        """Read podman's export out of its pipe and throw it away until podman exits."""
+        """Read podman's export out of its pipe and throw it away until podman exits. The event loop
+        reads whenever the pipe has data: no worker thread sits blocked on it."""
+        loop = asyncio.get_running_loop()
+
+        def discard() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while data := os.read(sink, 1 << 20):
+                    del data
+                loop.remove_reader(sink)   # end of file: podman closed its end (no spinning on it)
+
+        loop.add_reader(sink, discard)
         try:
-            os.set_blocking(sink, True)
-            while not dump.done():   # a read returns b"" only while podman has the pipe closed
-                if not await asyncio.to_thread(_discard, sink):
-                    await asyncio.sleep(0.01)
             out = await dump
+            discard()
             if out.returncode != 0:   # CRIU was done; only podman's bookkeeping after it failed
                 log.warning("podman's checkpoint ended with an error after the archive was built",
                             container=name, error=_criu_tail(out.stderr))
         finally:
+            loop.remove_reader(sink)
             os.close(sink)
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -352,14 +360,6 @@ class PodmanRuntime(Runtime):
 
     async def image_load(self, archive: str) -> None:
         await self._podman("load", "--quiet", "-i", archive, timeout=DUMP_TIMEOUT)
-
-
-def _discard(fd: int) -> int:
-    """Read a pipe until its writer closes it; how many bytes went."""
-    total = 0
-    while data := os.read(fd, 1 << 20):
-        total += len(data)
-    return total
 
 
 def _stats(raw: bytes | None) -> dict[str, int]:

@@ -170,7 +170,12 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
             size += len(data)
             if corrupt and size > len(data):
                 data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
-            framed.append(asyncio.ensure_future(asyncio.to_thread(_frame, data, compress)))
+            if compress:
+                framed.append(asyncio.ensure_future(asyncio.to_thread(_frame, data, True)))
+            else:   # nothing to do in a worker thread (the default pool is the agent's, and small)
+                ready = asyncio.get_running_loop().create_future()
+                ready.set_result(pb.TransferChunk(data=data))
+                framed.append(ready)
             while framed and (len(framed) > AHEAD or framed[0].done()):
                 msg = await framed.popleft()
                 wire, messages = wire + len(msg.data) + len(msg.zdata), messages + 1
