@@ -367,14 +367,11 @@ def _stats(raw: bytes | None) -> dict[str, int]:
     if not raw:
         return {}
     try:
-        from stasis.forensics.images import ImageError, read_image
+        from stasis.forensics.images import ImageError, dump_stats
 
-        entries = read_image(raw, "stats-dump", "stats").entries
+        return dump_stats(raw)
     except (ImportError, ImageError):
         return {}
-    if not entries or not entries[0].HasField("dump"):
-        return {}
-    return {f.name: int(v) for f, v in entries[0].dump.ListFields()}
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -282,11 +282,10 @@ class AgentService:
             if post_copy:
                 stats, size = await self._dump_post_copy(info, ckpt_id, archive, stage, ignore_volumes, image_task,
                                                          emit)
-            elif direct:
-                stats = await self.runtime.checkpoint_for_transfer(info.name, archive, stage, ignore_volumes)
-                size = os.path.getsize(archive)
             else:
-                stats = await self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes)
+                stats = await (self.runtime.checkpoint_for_transfer(info.name, archive, stage, ignore_volumes)
+                               if direct else
+                               self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes))
                 size = os.path.getsize(archive)
             dumped = True
             if ship_image and image_task is None:

@@ -171,7 +171,7 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
             if corrupt and size > len(data):
                 data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
             if compress:
-                framed.append(asyncio.ensure_future(asyncio.to_thread(_frame, data, True)))
+                framed.append(asyncio.ensure_future(asyncio.to_thread(_frame, data)))
             else:   # nothing to do in a worker thread (the default pool is the agent's, and small)
                 ready = asyncio.get_running_loop().create_future()
                 ready.set_result(pb.TransferChunk(data=data))
@@ -217,13 +217,10 @@ def _hash_write(fd: int, data: bytes, digest) -> None:
     os.write(fd, data)
 
 
-def _frame(data: bytes, compress: bool) -> pb.TransferChunk:
-    """A chunk as it travels: a zstd frame when that is smaller (pages of random data are not)."""
-    if compress:
-        packed = zstandard.ZstdCompressor(level=WIRE_LEVEL).compress(data)
-        if len(packed) < len(data):
-            return pb.TransferChunk(zdata=packed)
-    return pb.TransferChunk(data=data)
+def _frame(data: bytes) -> pb.TransferChunk:
+    """A chunk compressed for the wire: a zstd frame when that is smaller (pages of random data are not)."""
+    packed = zstandard.ZstdCompressor(level=WIRE_LEVEL).compress(data)
+    return pb.TransferChunk(zdata=packed) if len(packed) < len(data) else pb.TransferChunk(data=data)
 
 
 def _unframe(packed: bytes, peer: str) -> bytes:

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable
 from stasis.errors import FailedPrecondition, InvalidArgument, NotFound
 from stasis.forensics.archive import (SMALL_FILES, ArchiveError, ArchiveIndex, Folder, Prefixed, _first_line,
                                       check_member)
-from stasis.forensics.images import ImageError, read_image
+from stasis.forensics.images import ImageError, dump_stats, read_image
 from stasis.forensics.memory import PAGE_SIZE, PE_PARENT, PE_PRESENT, ProcessMemory
 from stasis.forensics.namespaces import namespaces
 from stasis.forensics.socket_queues import queued
@@ -357,10 +357,7 @@ class Checkpoint:
         data = self.source.read("stats-dump", SMALL_FILES["stats-dump"])
         if data is None:
             return {}
-        entries = read_image(data, "stats-dump", "stats").entries
-        if not entries or not entries[0].HasField("dump"):
-            return {}
-        return {f.name: v for f, v in entries[0].dump.ListFields()}
+        return dump_stats(data)
 
     def fs(self, against_image: bool = True) -> dict:
         """Filesystem changes. With the image's archive in the repository (agents store it with the

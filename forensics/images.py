@@ -217,3 +217,11 @@ def _read(f: BinaryIO, n: int, name: str) -> bytes:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def dump_stats(data: bytes, name: str = "stats-dump") -> dict[str, int]:
+    """CRIU's dump statistics (frozen time, pages written, ...) from a stats-dump image; {} without any."""
+    entries = read_image(data, name, "stats").entries
+    if not entries or not entries[0].HasField("dump"):
+        return {}
+    return {f.name: int(v) for f, v in entries[0].dump.ListFields()}
