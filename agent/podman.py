@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
-import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
@@ -26,7 +24,8 @@ log = structlog.get_logger("stasis.agent")
 # Post-copy requests for the runc wrapper (scripts/runc-postcopy.sh reads the same folder).
 LAZY_REQUESTS = "/run/stasis/lazy"
 WRAPPER = "/usr/local/lib/stasis/runc"     # scripts/runc-postcopy.sh, installed by provisioning
-F_SETPIPE_SZ = 1031
+WRAPPER_VERSION = "stasis-runc-wrapper: 2"   # a line of the wrapper that sets pages aside
+PAGES_ASIDE = "stasis-pages"   # where it moves them, beside CRIU's image folder
 
 # What a migration must carry besides memory and files, as podman's own export can: established TCP
 # connections (the container's own network namespace moves with it) and file locks. Harmless when
@@ -45,9 +44,6 @@ class PodmanRuntime(Runtime):
         # The last inspection of each container: a post-copy dump reuses the agent's own, taken a
         # moment before, instead of paying for another podman call while the clock runs.
         self._inspected: dict[str, tuple[float, dict]] = {}
-        # podman checkpoints still finishing their own (discarded) export after a migration's archive
-        # was built: resume and remove wait for them, so podman's state is settled first.
-        self._finishing: dict[str, asyncio.Future] = {}
         self._wrapper: bool | None = None
 
     async def _podman(self, *args: str, timeout: float = 120.0, check: bool = True):
@@ -151,88 +147,59 @@ class PodmanRuntime(Runtime):
 
     async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
                                       ignore_volumes: bool = False) -> DumpStats:
-        if not await self._wrapped():   # provisioning not rerun since the wrapper learnt notices
+        if not await self._wrapped():   # provisioning not rerun since the wrapper learnt to set pages aside
             return await self.checkpoint(name, archive, False, ignore_volumes)
         c = await self._container_state(name)
         cid, static, upper, volumes = self._layout(c, ignore_volumes)
-        self._clear_requests(cid, "dumped")
-        self._ask(cid, "notify", 0)
-        # podman writes config.dump and spec.dump only when it exports, and its export (single-threaded,
-        # ~2 CPU-seconds a GiB) would hold the transfer back. So the wrapper says when CRIU is done and
-        # the archive is built here at once, while podman exports into a pipe read and thrown away (no
-        # disk writes). It is never paused: podman may hold storage locks while it exports.
-        # Beside `scratch`, not in it: the caller removes scratch when the archive is built, which may
-        # be before podman opens the pipe; _finish_export removes this folder when podman is done.
-        folder = tempfile.mkdtemp(prefix="podman-export-", dir=os.path.dirname(scratch.rstrip("/")))
-        export = os.path.join(folder, "export.fifo")
-        os.mkfifo(export, 0o600)
-        sink = os.open(export, os.O_RDONLY | os.O_NONBLOCK)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(sink, F_SETPIPE_SZ, 1 << 20)
-        args = ["container", "checkpoint", name, "--export", export, "--compress", "none", "--print-stats",
-                *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
+        aside = os.path.join(static, PAGES_ASIDE)
+        self._pages_back(static)   # a rollback that never ran (agent killed): nothing is left behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(static, podman_archive.DEVSHM))   # podman writes it anew if it has one
+        # podman writes config.dump and spec.dump only when it exports, and its export is single-threaded
+        # (~2 CPU-seconds a GiB, competing with the transfer for this host's cores). So the wrapper moves
+        # CRIU's pages aside before podman exports: its export is small, and the archive is built here
+        # with the pages. --keep leaves config.dump and spec.dump for that.
+        self._ask(cid, "aside", 0)
+        args = ["container", "checkpoint", name, "--keep", "--export", os.path.join(scratch, "podman-export.tar"),
+                "--compress", "none", "--print-stats", *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
         started = time.monotonic()
-        dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
-        finishing = asyncio.ensure_future(self._finish_export(name, dump, sink, folder))
-        dumped = self._request(cid, "dumped")
         try:
-            while not dump.done() and not os.path.exists(dumped):
-                await asyncio.sleep(0.005)
-            status = ""
-            if os.path.exists(dumped):
-                with open(dumped) as f:
-                    status = f.read().strip()
-            if status != "0":
-                out = await dump
-                raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
-            dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
-            await asyncio.to_thread(podman_archive.write, archive, static, upper, volumes, dumps)
-        except BaseException:
-            await asyncio.gather(finishing, return_exceptions=True)
-            raise
+            out = await self._podman(*args, timeout=DUMP_TIMEOUT, check=False)
         finally:
-            self._clear_requests(cid, "notify", "dumped")
-        self._finishing[name] = finishing
-        return DumpStats(time.monotonic() - started, _stats(dumps.get("stats-dump")))
+            self._clear_requests(cid, "aside")
+        dumped = time.monotonic()
+        if out.returncode != 0:
+            self._pages_back(static)
+            raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
+        dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
+        shm = os.path.join(static, podman_archive.DEVSHM)   # podman's own, taken before it unmounted /dev/shm
+        await asyncio.to_thread(podman_archive.write, archive, static, upper, volumes, dumps, aside,
+                                shm if os.path.exists(shm) else None)
+        criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
+        return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
+                         {"runtime": dumped - started, "archive": time.monotonic() - dumped})
 
-    async def _finish_export(self, name: str, dump: asyncio.Future, sink: int, folder: str) -> None:
-        """Read podman's export out of its pipe and throw it away until podman exits. The event loop
-        reads whenever the pipe has data: no worker thread sits blocked on it."""
-        loop = asyncio.get_running_loop()
-
-        def discard() -> None:
-            with contextlib.suppress(BlockingIOError):
-                while data := os.read(sink, 1 << 20):
-                    del data
-                loop.remove_reader(sink)   # end of file: podman closed its end (no spinning on it)
-
-        loop.add_reader(sink, discard)
-        try:
-            out = await dump
-            discard()
-            if out.returncode != 0:   # CRIU was done; only podman's bookkeeping after it failed
-                log.warning("podman's checkpoint ended with an error after the archive was built",
-                            container=name, error=_criu_tail(out.stderr))
-        finally:
-            loop.remove_reader(sink)
-            os.close(sink)
-            shutil.rmtree(folder, ignore_errors=True)
-
-    async def _settled(self, name: str) -> None:
-        finishing = self._finishing.pop(name, None)
-        if finishing is not None:
-            await asyncio.gather(finishing, return_exceptions=True)
+    @staticmethod
+    def _pages_back(static: str) -> None:
+        """Return pages the wrapper set aside to CRIU's image folder, where a local restore reads them."""
+        aside = os.path.join(static, PAGES_ASIDE)
+        if not os.path.isdir(aside):
+            return
+        images = os.path.join(static, "checkpoint")
+        for entry in os.listdir(aside):
+            os.replace(os.path.join(aside, entry), os.path.join(images, entry))
+        os.rmdir(aside)
 
     async def _wrapped(self) -> bool:
-        """Whether podman's runc is our wrapper, and one that sends dump notices."""
+        """Whether podman's runc is our wrapper, and one that sets pages aside."""
         if self._wrapper is None:
             out = await self._podman("info", "--format", "{{.Host.OCIRuntime.Path}}", check=False)
             try:
                 with open(WRAPPER) as f:
-                    notices = "notify" in f.read()
+                    current = WRAPPER_VERSION in f.read()
             except OSError:
-                notices = False
-            self._wrapper = out.returncode == 0 and out.stdout.strip() == WRAPPER and notices
+                current = False
+            self._wrapper = out.returncode == 0 and out.stdout.strip() == WRAPPER and current
         return self._wrapper
 
     async def _container_state(self, name: str) -> dict:
@@ -319,15 +286,14 @@ class PodmanRuntime(Runtime):
         self._clear_requests(container_id, "daemon", "lazy.log")
 
     async def resume(self, name: str) -> None:
-        check_name(name)
-        await self._settled(name)
+        c = await self._container_state(name)
+        await asyncio.to_thread(self._pages_back, c["StaticDir"])
         out = await self._podman("container", "restore", name, *CARRY, timeout=DUMP_TIMEOUT, check=False)
         if out.returncode != 0:
             raise RuntimeFailure(f"could not resume {name} from its local checkpoint: {_criu_tail(out.stderr)}")
 
     async def remove(self, name: str, force: bool = False) -> None:
         check_name(name)
-        await self._settled(name)
         out = await self._podman("rm", *(["--force", "--time", "0"] if force else []), name, check=False)
         if out.returncode != 0:
             if "no such container" in out.stderr.lower():

@@ -1,8 +1,8 @@
 """Podman's checkpoint archive, written by us from the container's state.
 
 A post-copy dump never returns to podman before the destination has taken every page, so podman's
-own `--export` comes too late; and in a stop-and-copy migration podman's single-threaded export
-would hold the transfer back for seconds after CRIU is done. The layout that `podman container
+own `--export` comes too late; and in a stop-and-copy migration podman's single-threaded export of
+the pages would compete with the transfer for this host's cores. The layout that `podman container
 restore --import` reads is rebuilt here from what podman and CRIU have already written: CRIU's
 images, config.dump and spec.dump (in the container's state folder), the root filesystem's changes
 (its overlay upper folder), /dev/shm and named volumes. The container is frozen (post-copy) or
@@ -21,6 +21,7 @@ import tempfile
 # Files podman manages itself in every container (bind mounts, recreated at restore): its own
 # export leaves them out of the root filesystem's changes as well.
 MANAGED = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", "run/.containerenv"}
+DEVSHM = "devshm-checkpoint.tar"   # /dev/shm's contents, in the archive and as podman leaves it
 
 
 def rootfs_changes(upper: str) -> tuple[list[str], list[str]]:
@@ -79,12 +80,17 @@ def read_dumps(static_dir: str) -> dict[str, bytes]:
 
 
 def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str],
-          dumps: dict[str, bytes] | None = None) -> None:
+          dumps: dict[str, bytes] | None = None, pages: str | None = None, shm_tar: str | None = None) -> None:
     """Write the import archive; `volumes` maps a named volume to its folder ({} leaves them out);
-    `dumps`: read_dumps() taken earlier (default: read now)."""
+    `dumps`: read_dumps() taken earlier (default: read now); `pages`: a folder holding CRIU's
+    pages-*.img that are not in its image folder; `shm_tar`: /dev/shm as podman tarred it (default:
+    tar the mounted folder, which a frozen container still has)."""
     dumps = dumps if dumps is not None else read_dumps(static_dir)
     with tarfile.open(archive, "w", copybufsize=1 << 20) as tar:
         tar.add(os.path.join(static_dir, "checkpoint"), arcname="checkpoint")
+        for name in sorted(os.listdir(pages)) if pages and os.path.isdir(pages) else []:
+            if name.startswith("pages-") and name.endswith(".img"):
+                tar.add(os.path.join(pages, name), arcname=f"checkpoint/{name}", recursive=False)
         for name, data in dumps.items():
             _add_bytes(tar, name, data)
         # podman's record of the container's network (written when it started); "null" without one.
@@ -94,7 +100,10 @@ def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str],
         except FileNotFoundError:
             status = b"null"
         _add_bytes(tar, "network.status", status)
-        _add_nested(tar, "devshm-checkpoint.tar", _tree(os.path.join(static_dir, "shm")))
+        if shm_tar:
+            tar.add(shm_tar, arcname=DEVSHM, recursive=False)
+        else:
+            _add_nested(tar, DEVSHM, _tree(os.path.join(static_dir, "shm")))
         changed, deleted = rootfs_changes(upper)
         _add_nested(tar, "rootfs-diff.tar", [(os.path.join(upper, rel), rel, False) for rel in changed])
         if deleted:

@@ -1,5 +1,6 @@
 #!/bin/bash
-# stasis: podman's runc, with post-copy (lazy pages) and dump notices for the containers the agent asks.
+# stasis: podman's runc, with post-copy (lazy pages) and pages set aside for the containers the agent asks.
+# stasis-runc-wrapper: 2   (the agent checks this line before it asks for pages aside)
 #
 # podman 4.3 has no lazy-pages options, so provisioning names this script as podman's "runc"
 # (containers.conf [engine.runtimes]). For every other call it is runc itself (exec, same pid).
@@ -7,9 +8,11 @@
 #   REQ/ID.dump     PORT   checkpoint: CRIU keeps the memory and serves it from 127.0.0.1:PORT
 #                          (runc.conf says `address 127.0.0.1`); the images are complete once
 #                          REQ/ID.ready holds a byte; REQ/ID.runc names runc's pid (to abort).
-#   REQ/ID.notify   0      checkpoint (stop-and-copy migration): run runc as usual, then write its
-#                          exit status to REQ/ID.dumped: the images are complete the moment it
-#                          appears, before podman's own export has even begun.
+#   REQ/ID.aside    0      checkpoint (stop-and-copy migration): run runc as usual; once it has
+#                          succeeded, move CRIU's pages-*.img out of the image folder into
+#                          IMAGES/../stasis-pages, so that podman's own export (single-threaded)
+#                          stays small. The agent ships the pages itself, and puts them back
+#                          before a local restore.
 #   REQ/ID.restore  PORT   restore: start CRIU's lazy-pages daemon, fetching from 127.0.0.1:PORT
 #                          (the agent's authenticated relay to the source), then restore lazily;
 #                          REQ/ID.daemon names the daemon's pid, REQ/ID.lazy.log is its log.
@@ -26,12 +29,21 @@ id=${args[-1]}
 for i in "${!args[@]}"; do
     case ${args[$i]} in
     checkpoint)
-        if ! fresh "$REQ/$id.dump" && fresh "$REQ/$id.notify"; then
-            rm -f "$REQ/$id.notify"
-            "$REAL" "$@"
-            rc=$?
-            echo "$rc" > "$REQ/$id.dumped.tmp" && mv "$REQ/$id.dumped.tmp" "$REQ/$id.dumped"
-            exit "$rc"
+        if ! fresh "$REQ/$id.dump" && fresh "$REQ/$id.aside"; then
+            rm -f "$REQ/$id.aside"
+            img=""
+            for j in "${!args[@]}"; do
+                [ "${args[$j]}" = --image-path ] && img=${args[j+1]}
+            done
+            "$REAL" "$@" || exit
+            # A rename within podman's own folder: instant, whatever the size. The dump stands even if
+            # it fails: the pages left in place are exported by podman, and the agent ships them too.
+            if [ -d "$img" ]; then
+                mkdir -p -m 0700 "$img/../stasis-pages" &&
+                    find "$img" -maxdepth 1 -name 'pages-*.img' -exec mv -t "$img/../stasis-pages" {} + ||
+                    echo "stasis runc: could not set the pages of $id aside" >&2
+            fi
+            exit 0
         fi
         fresh "$REQ/$id.dump" || break
         read -r port < "$REQ/$id.dump"

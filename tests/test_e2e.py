@@ -490,12 +490,12 @@ def _received(host, container: str) -> list[int]:
     return [int(x) for x in host.podman("exec", container, "cat", "/vol/recv", check=False).stdout.split()]
 
 
-def test_migrate_carries_tcp_connection_named_volume_and_process_tree(cluster):
+def test_migrate_carries_tcp_connection_named_volume_shm_and_process_tree(cluster):
     a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
     web, vol = name("net"), name("vol")
     a.podman("volume", "create", vol)
     a.podman("run", "-d", "--network", "none", "--name", web, "-v", f"{vol}:/vol", "localhost/stasis-memhold:1",
-             "/bin/sh", "-c", f"echo before > /vol/marker; {CONNECTED}")
+             "/bin/sh", "-c", f"echo before > /vol/marker; echo kept > /dev/shm/marker; {CONNECTED}")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(_received(a, web)) < 5:
         time.sleep(0.2)
@@ -515,6 +515,8 @@ def test_migrate_carries_tcp_connection_named_volume_and_process_tree(cluster):
     # The named volume and its contents travelled.
     assert b.exec(web, "cat", "/vol/marker").strip() == "before"
     assert vol in b.podman("volume", "ls", "--format", "{{.Name}}").stdout.split()
+    # So did /dev/shm (a tmpfs podman unmounts when the dump is done).
+    assert b.exec(web, "cat", "/dev/shm/marker").strip() == "kept"
     # The workload's own tree is the same.
     assert _tree(b, web) == procs_before
     assert [p.split()[0] for p in procs_before].count("nc") == 2
