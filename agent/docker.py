@@ -164,7 +164,8 @@ class DockerRuntime(Runtime):
     # ------------------------------------------------------------------ restore
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
-                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "") -> RestoreStats:
+                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
+                      pages_dir: str = "") -> RestoreStats:
         api = self._api()
         check_name(name)
         stage = archive + ".d"

@@ -44,6 +44,7 @@ class PodmanRuntime(Runtime):
         # moment before, instead of paying for another podman call while the clock runs.
         self._inspected: dict[str, tuple[float, dict]] = {}
         self._wrapper: bool | None = None
+        self._landing: str | None = None
 
     async def _podman(self, *args: str, timeout: float = 120.0, check: bool = True):
         return await run([self.podman, *args], timeout=timeout, check=check)
@@ -93,18 +94,34 @@ class PodmanRuntime(Runtime):
         return DumpStats(seconds, {k: int(v) for k, v in (stats.get("criu_statistics") or {}).items()})
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
-                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "") -> RestoreStats:
+                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
+                      pages_dir: str = "") -> RestoreStats:
         check_name(name)
+        if (pages_port or pages_dir) and (renamed or not re.match(r"^[0-9a-f]{64}$", container_id)):
+            raise InvalidArgument("a restore with pages from elsewhere keeps the container's name and id")
         if pages_port:
-            if renamed or not re.match(r"^[0-9a-f]{64}$", container_id):
-                raise InvalidArgument("a post-copy restore keeps the container's name and id")
             self._clear_requests(container_id, "lazy.log", "daemon")
             self._ask(container_id, "restore", pages_port)
+        if pages_dir:
+            self._ask(container_id, "pages", os.path.abspath(pages_dir))
         try:
             return await self._restore(archive, name, renamed, ignore_volumes)
         finally:
-            if pages_port:
-                self._clear_requests(container_id, "restore")
+            if pages_port or pages_dir:
+                self._clear_requests(container_id, "restore", "pages")
+
+    async def pages_landing(self) -> str:
+        if not await self._wrapped():
+            return ""
+        if self._landing is None:
+            # Beside podman's storage: a hard link needs the same mount, and a symbolic link does not
+            # do (CRIU opens images after it has entered the container's root).
+            out = await self._podman("info", "--format", "{{.Store.GraphRoot}}", check=False)
+            root = out.stdout.strip() if out.returncode == 0 else ""
+            self._landing = os.path.join(os.path.dirname(root.rstrip("/")), "stasis-pages") if root else ""
+            if self._landing:
+                os.makedirs(self._landing, mode=0o700, exist_ok=True)
+        return self._landing
 
     async def _restore(self, archive: str, name: str, renamed: bool, ignore_volumes: bool) -> RestoreStats:
         started = time.monotonic()
@@ -139,10 +156,10 @@ class PodmanRuntime(Runtime):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._request(container_id, kind))
 
-    def _ask(self, container_id: str, kind: str, port: int) -> None:
+    def _ask(self, container_id: str, kind: str, value: int | str) -> None:
         os.makedirs(LAZY_REQUESTS, mode=0o700, exist_ok=True)
         with open(self._request(container_id, kind), "w") as f:
-            f.write(f"{port}\n")
+            f.write(f"{value}\n")
 
     async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
                                       ignore_volumes: bool = False) -> DumpStats:

@@ -68,11 +68,18 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def restore(self, archive: str, name: str, renamed: bool = True,
-                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "") -> RestoreStats:
+                      ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
+                      pages_dir: str = "") -> RestoreStats:
         """`renamed`: `name` differs from the checkpointed container's (a copy, not a move).
         `ignore_volumes`: the archive left named volumes out; use the ones this host has.
         `pages_port`: post-copy; memory comes lazily from 127.0.0.1:`pages_port` (the relay to the
-        source) for the container `container_id`."""
+        source) for the container `container_id`. `pages_dir`: CRIU's pages-*.img are in this folder,
+        not in the archive (a folder in `pages_landing()`; same name and id)."""
+
+    async def pages_landing(self) -> str:
+        """A folder where restore() can take CRIU's pages from (pages_dir: a folder made in it), on
+        the same mount as the engine's images so that they are linked, not copied; "" if it cannot."""
+        return ""
 
     async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
                                       ignore_volumes: bool = False) -> DumpStats:

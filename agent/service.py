@@ -467,17 +467,27 @@ class AgentService:
         timings: dict[str, float] = {}
         image_task = None
         relay = None
+        pages_dir = ""
         try:
             stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
             if need_image and (receiver is None or manifest.image is not None):
                 image_task = asyncio.ensure_future(self._load_image(repo, manifest, stage, timings))
             archive = os.path.join(stage, "checkpoint.tar")
             started = time.monotonic()
+            landing = ""
+            if receiver is not None and not receiver.post_copy and name == manifest.container.name:
+                landing = await self.runtime.pages_landing()
+            if landing:
+                # The pages are written where CRIU will read them, not unpacked again by the runtime.
+                pages_dir = tempfile.mkdtemp(prefix=f"{manifest.id}-", dir=landing)
             if receiver is not None:
                 emit("transfer", f"receiving the archive from {receiver.peer} as it is written", 0, 0)
                 # Hashed as it arrives; the source's signed seal is checked before the runtime runs.
-                seal = await receiver.archive(archive, lambda d: emit("transfer", "", d, 0))
+                seal = await receiver.archive(archive, lambda d: emit("transfer", "", d, 0), pages_dir)
                 timings["transfer"] = time.monotonic() - started
+                if pages_dir:
+                    log.info("memory pages written beside the archive, for CRIU to read in place",
+                             checkpoint=manifest.id, files=len(os.listdir(pages_dir)))
                 if need_image and image_task is None:
                     image_task = asyncio.ensure_future(self._load_image(repo, dataclasses.replace(
                         manifest, image=_sealed_image(seal, manifest)), stage, timings))
@@ -496,7 +506,7 @@ class AgentService:
             stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
                                                ignore_volumes=ignore_volumes,
                                                pages_port=await relay.start() if relay else 0,
-                                               container_id=manifest.container.id)
+                                               container_id=manifest.container.id, pages_dir=pages_dir)
             timings["restore"] = stats.seconds
             if relay is not None:   # CRIU's restore is done and the process scheduled: downtime ends
                 emit("running", f"{name} runs; its memory follows from {receiver.peer}", 0, 0)
@@ -528,8 +538,9 @@ class AgentService:
                 self._relays.pop(name, None)
             if image_task is not None:
                 await asyncio.gather(image_task, return_exceptions=True)
-            if stage:
-                await asyncio.to_thread(shutil.rmtree, stage, True)
+            for folder in (stage, pages_dir):
+                if folder:
+                    await asyncio.to_thread(shutil.rmtree, folder, True)
             await asyncio.to_thread(lock.release)
 
     async def _relay_from(self, receiver: "transfer.Receiver", manifest: Manifest, name: str):

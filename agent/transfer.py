@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import structlog
 import zstandard
 
 from stasis.agent import failpoints
+from stasis.agent.tar_split import PagesSplitter, SplitError, write_all
 from stasis.errors import IntegrityError, NotFound, StasisError, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
@@ -212,9 +214,9 @@ def _read_hashed(f, digest) -> bytes:
     return data
 
 
-def _hash_write(fd: int, data: bytes, digest) -> None:
+def _hash_write(write: Callable[[bytes], object], data: bytes, digest) -> None:
     digest.update(data)
-    os.write(fd, data)
+    write(data)
 
 
 def _frame(data: bytes) -> pb.TransferChunk:
@@ -273,12 +275,16 @@ class Receiver:
         self.raw_offer, self.manifest = first.offer, manifest
         return manifest
 
-    async def archive(self, path: str, emit: Callable[[int], None]) -> dict:
-        """Write the archive to `path`; returns the verified seal (size, image to ship)."""
+    async def archive(self, path: str, emit: Callable[[int], None], pages_dir: str = "") -> dict:
+        """Write the archive to `path`; returns the verified seal (size, image to ship). With
+        `pages_dir`, CRIU's pages-*.img go there instead (tar_split); the seal covers the stream
+        as it was sent."""
         digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
         size = 0
         seal = None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        splitter = PagesSplitter(fd, pages_dir) if pages_dir else None
+        write = splitter.feed if splitter else functools.partial(write_all, fd)
         # The stream is read ahead of the disk by a task of its own, so that the network and the
         # disk work at the same time (HTTP/2's flow control never waits on a write).
         ahead: asyncio.Queue = asyncio.Queue(maxsize=READ_AHEAD)
@@ -309,8 +315,12 @@ class Receiver:
                 data = item.data if item.HasField("data") else await asyncio.to_thread(_unframe, item.zdata,
                                                                                        self.peer)
                 size += len(data)
-                await asyncio.to_thread(_hash_write, fd, data, digest)   # in order: one write at a time
+                await asyncio.to_thread(_hash_write, write, data, digest)   # in order: one write at a time
                 emit(size)
+            if splitter is not None:
+                splitter.close()
+        except SplitError as e:
+            raise IntegrityError(f"the archive from {self.peer} is malformed ({e}); refusing it") from None
         finally:
             puller.cancel()
             await asyncio.gather(puller, return_exceptions=True)

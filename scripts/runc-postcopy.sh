@@ -1,6 +1,6 @@
 #!/bin/bash
 # stasis: podman's runc, with post-copy (lazy pages) and pages set aside for the containers the agent asks.
-# stasis-runc-wrapper: 2   (the agent checks this line before it asks for pages aside)
+# stasis-runc-wrapper: 2   (the agent checks this line before it asks for pages aside or placed)
 #
 # podman 4.3 has no lazy-pages options, so provisioning names this script as podman's "runc"
 # (containers.conf [engine.runtimes]). For every other call it is runc itself (exec, same pid).
@@ -13,6 +13,9 @@
 #                          IMAGES/../stasis-pages, so that podman's own export (single-threaded)
 #                          stays small. The agent ships the pages itself, and puts them back
 #                          before a local restore.
+#   REQ/ID.pages    DIR    restore (stop-and-copy migration): CRIU's pages-*.img are in DIR, not in
+#                          the imported archive (the agent wrote them there as they arrived): link
+#                          them into the image folder first.
 #   REQ/ID.restore  PORT   restore: start CRIU's lazy-pages daemon, fetching from 127.0.0.1:PORT
 #                          (the agent's authenticated relay to the source), then restore lazily;
 #                          REQ/ID.daemon names the daemon's pid, REQ/ID.lazy.log is its log.
@@ -55,10 +58,6 @@ for i in "${!args[@]}"; do
             "${args[@]:i+1}"
         ;;
     restore)
-        fresh "$REQ/$id.restore" || break
-        read -r port < "$REQ/$id.restore"
-        rm -f "$REQ/$id.restore"
-        [[ $port =~ ^[0-9]{1,5}$ ]] || { echo "stasis runc: bad post-copy request for $id" >&2; exit 1; }
         img="" work=""
         for j in "${!args[@]}"; do
             case ${args[$j]} in
@@ -66,6 +65,23 @@ for i in "${!args[@]}"; do
             --work-path) work=${args[j+1]} ;;
             esac
         done
+        if fresh "$REQ/$id.pages"; then
+            read -r from < "$REQ/$id.pages"
+            rm -f "$REQ/$id.pages"
+            [[ $from == /* ]] && [ -d "$from" ] && [ -d "$img" ] ||
+                { echo "stasis runc: bad pages request for $id" >&2; exit 1; }
+            # A hard link (the agent writes them on the mount of podman's storage); a copy if that
+            # fails. Not a symbolic link: CRIU opens the images from within the container's root.
+            for page in "$from"/pages-*.img; do
+                [ -f "$page" ] || continue
+                ln "$page" "$img/" 2>/dev/null || cp "$page" "$img/" ||
+                    { echo "stasis runc: could not place $page for CRIU" >&2; exit 1; }
+            done
+        fi
+        fresh "$REQ/$id.restore" || break
+        read -r port < "$REQ/$id.restore"
+        rm -f "$REQ/$id.restore"
+        [[ $port =~ ^[0-9]{1,5}$ ]] || { echo "stasis runc: bad post-copy request for $id" >&2; exit 1; }
         [ -d "$img" ] && [ -d "$work" ] || { echo "stasis runc: restore without image and work paths" >&2; exit 1; }
         # The daemon and the restore meet at WORK/lazy-pages.socket.
         setsid criu lazy-pages --page-server --address 127.0.0.1 --port "$port" -D "$img" -W "$work" \

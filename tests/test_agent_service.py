@@ -46,7 +46,8 @@ class FakeRuntime(Runtime):
             self.containers[name].state = "exited"
         return DumpStats(0.01, {"frozen_time": 5000})
 
-    async def restore(self, archive, name, renamed=True, ignore_volumes=False, pages_port=0, container_id=""):
+    async def restore(self, archive, name, renamed=True, ignore_volumes=False, pages_port=0, container_id="",
+                      pages_dir=""):
         self.calls.append("restore")
         self.archives[name] = open(archive, "rb").read()
         self.containers[name] = ContainerInfo("new-" + name, name, "localhost/x:1", IMAGE_ID, "running")

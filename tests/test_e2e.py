@@ -73,6 +73,10 @@ def test_migrate_moves_memory_and_open_file_in_new_directory(cluster):
     assert shown["state"] == "succeeded" and shown["downtime_seconds"] == job["downtime_seconds"]
     assert job["result"]["transfer"] == "direct" and "destination.transfer" in job["timings"]
     assert job["result"]["checkpoint_id"] not in {c["id"] for c in cluster.cli_json("checkpoints")}
+    # The destination wrote the pages where CRIU read them: podman unpacked only the rest.
+    with open(os.path.join(cluster.base, "agent-host-b.log")) as f:
+        placed = [line for line in f if job["result"]["checkpoint_id"] in line and "beside the archive" in line]
+    assert placed and "files=0" not in placed[0]
 
 
 def test_migrating_via_the_repository_keeps_a_backup(cluster):

@@ -1,0 +1,188 @@
+"""Split CRIU's memory pages out of a checkpoint archive while it streams in.
+
+A migration's archive is mostly `checkpoint/pages-N.img`. podman's import unpacks all of it with
+one thread before CRIU starts, a second full copy on the destination's disk. Written straight into
+a folder of their own as they arrive, the pages are placed into CRIU's image folder at restore (the
+runc wrapper links them), and podman unpacks only the small rest.
+
+The stream comes from an authenticated peer, but it is parsed defensively all the same: bounded
+extended headers, names checked, and any header this does not understand makes the member stay in
+the archive (which the tar extractor then validates as usual). Nothing here is used before the
+transfer's seal has been verified.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+
+BLOCK = 512
+PAGES = re.compile(r"^(?:\./)?checkpoint/(pages-[0-9]{1,9}\.img)$")
+EXTENDED = (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)   # they describe the next member
+MAX_EXTENDED = 1 << 20   # bytes of one extended header: names and a few numbers, never more
+
+
+class SplitError(Exception):
+    pass
+
+
+class PagesSplitter:
+    """feed() the archive's bytes in order; members named checkpoint/pages-N.img go to
+    `pages_dir`/pages-N.img, everything else (headers included) to the file `fd`, so that it is
+    again a well-formed archive without them."""
+
+    def __init__(self, fd: int, pages_dir: str):
+        self.fd = fd
+        self.pages_dir = pages_dir
+        self.pages: list[str] = []
+        self._header = b""             # a header block still being assembled
+        self._held: list[bytes] = []   # extended headers and their data, written with their member
+        self._override: dict[str, str] = {}   # what they say of the next member
+        self._extended = bytearray()   # the data of the extended header being read
+        self._extended_type = b""
+        self._left = 0                 # data bytes of the current member still to come
+        self._pad = 0                  # then padding up to the next block
+        self._into = "archive"         # where they go: "archive", "aside" (a page file) or "extended"
+        self._aside: int | None = None
+        self._ended = False            # the end-of-archive block came: the rest goes as it is
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._ended:
+                write_all(self.fd, view)
+                return
+            if self._left or self._pad:
+                view = self._data(view)
+                continue
+            need = BLOCK - len(self._header)
+            self._header += bytes(view[:need])
+            view = view[need:]
+            if len(self._header) == BLOCK:
+                block, self._header = self._header, b""
+                self._begin(block)
+
+    def close(self) -> list[str]:
+        """The names of the pages written aside; raises if the archive stopped mid-member."""
+        self._close_aside()
+        if self._left or self._pad or self._header or self._held:
+            raise SplitError("the archive ended in the middle of a member")
+        return self.pages
+
+    def _begin(self, block: bytes) -> None:
+        if block == bytes(BLOCK):   # end of archive
+            self._flush_held()
+            write_all(self.fd, block)
+            self._ended = True
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise SplitError(f"a malformed tar header ({e})") from None
+        if info.type in EXTENDED:
+            if info.size > MAX_EXTENDED:
+                raise SplitError(f"an extended tar header of {info.size} bytes")
+            self._held.append(block)
+            self._into, self._extended_type, size = "extended", info.type, info.size
+        else:
+            name, size, plain = self._apply_overrides(info)
+            match = PAGES.match(name) if plain and info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) else None
+            if match and match.group(1) not in self.pages:
+                self._held.clear()   # they described this member only
+                self._aside = os.open(os.path.join(self.pages_dir, match.group(1)),
+                                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                self.pages.append(match.group(1))
+                self._into = "aside"
+            else:
+                self._flush_held()
+                write_all(self.fd, block)
+                self._into = "archive"
+        self._left, self._pad = size, -size % BLOCK
+        self._member_done()
+
+    def _data(self, view: memoryview) -> memoryview:
+        if self._left:
+            piece, view = view[:self._left], view[self._left:]
+            self._left -= len(piece)
+            self._put(piece, padding=False)
+        if not self._left and self._pad and view:
+            pad, view = view[:self._pad], view[self._pad:]
+            self._pad -= len(pad)
+            self._put(pad, padding=True)
+        self._member_done()
+        return view
+
+    def _put(self, piece: memoryview, padding: bool) -> None:
+        if self._into == "extended":
+            if not padding:
+                self._extended += piece
+            self._held.append(bytes(piece))
+        elif self._into == "aside":
+            if not padding:   # a page file's padding goes with it
+                write_all(self._aside, piece)
+        else:
+            write_all(self.fd, piece)
+
+    def _member_done(self) -> None:
+        if self._left or self._pad:
+            return
+        if self._into == "extended":
+            raw = bytes(self._extended)
+            self._extended.clear()
+            if self._extended_type == tarfile.GNUTYPE_LONGNAME:
+                self._override["path"] = raw.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            elif self._extended_type == tarfile.XHDTYPE:
+                self._override.update(_pax_records(raw))
+        self._close_aside()
+        self._into = "archive"
+
+    def _close_aside(self) -> None:
+        if self._aside is not None:
+            os.close(self._aside)
+            self._aside = None
+
+    def _apply_overrides(self, info: tarfile.TarInfo) -> tuple[str, int, bool]:
+        """(name, data size, whether the data is the file's bytes as they are: not sparse)"""
+        name, size = info.name, info.size
+        over, self._override = self._override, {}
+        if "path" in over:
+            name = over["path"]
+        if "size" in over:
+            try:
+                size = int(over["size"])
+            except ValueError:
+                raise SplitError("an extended tar header with a malformed size") from None
+            if size < 0:
+                raise SplitError("an extended tar header with a negative size")
+        return name, size, not any(key.startswith("GNU.sparse") for key in over)
+
+    def _flush_held(self) -> None:
+        for piece in self._held:
+            write_all(self.fd, piece)
+        self._held.clear()
+
+
+def write_all(fd: int, data) -> None:
+    """All of it: a short write (a full disk) must not lose the rest silently."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _pax_records(raw: bytes) -> dict[str, str]:
+    """The records of a pax extended header ("LEN key=value\\n" each), decoded; SplitError if malformed."""
+    out, pos = {}, 0
+    while pos < len(raw):
+        space = raw.find(b" ", pos)
+        try:
+            length = int(raw[pos:space])
+        except ValueError:
+            raise SplitError("a malformed pax record") from None
+        record = raw[space + 1:pos + length]
+        if length <= 0 or pos + length > len(raw) or not record.endswith(b"\n") or b"=" not in record:
+            raise SplitError("a malformed pax record")
+        key, _, value = record[:-1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
