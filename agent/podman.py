@@ -174,26 +174,49 @@ class PodmanRuntime(Runtime):
         # podman writes config.dump and spec.dump only when it exports, and its export is single-threaded
         # (~2 CPU-seconds a GiB, competing with the transfer for this host's cores). So the wrapper moves
         # CRIU's pages aside before podman exports: its export is small, and the archive is built here
-        # with the pages. --keep leaves config.dump and spec.dump for that.
+        # with the pages. --keep leaves config.dump and spec.dump for that. The wrapper says when runc is
+        # done (ID.dumped): the archive starts with CRIU's images while podman finishes its own work.
+        self._clear_requests(cid, "dumped")
         self._ask(cid, "aside", 0)
         args = ["container", "checkpoint", name, "--keep", "--export", os.path.join(scratch, "podman-export.tar"),
                 "--compress", "none", "--print-stats", *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
         started = time.monotonic()
+        dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
+        dumped = self._request(cid, "dumped")
+        writer = podman_archive.ArchiveWriter(archive)
+        images = None
         try:
-            out = await self._podman(*args, timeout=DUMP_TIMEOUT, check=False)
+            while not dump.done() and not os.path.exists(dumped):
+                await asyncio.sleep(0.005)
+            if _read(dumped) == "0":   # CRIU is done; its images are complete and the pages aside
+                images = asyncio.ensure_future(asyncio.to_thread(self._archive_images, writer, static, aside))
+            out = await dump
+            runtime = time.monotonic() - started
+            if images is not None:
+                await images
+            if out.returncode != 0:
+                await asyncio.to_thread(self._pages_back, static)
+                raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
+            if images is None:   # no notice came (an old wrapper); podman has finished anyway
+                await asyncio.to_thread(self._archive_images, writer, static, aside)
+            dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
+            shm = os.path.join(static, podman_archive.DEVSHM)   # podman's own, taken before it unmounted /dev/shm
+            await asyncio.to_thread(writer.add_state, static, upper, volumes, dumps,
+                                    shm if os.path.exists(shm) else None)
+            writer.close()
         finally:
-            self._clear_requests(cid, "aside")
-        dumped = time.monotonic()
-        if out.returncode != 0:
-            self._pages_back(static)
-            raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
-        dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
-        shm = os.path.join(static, podman_archive.DEVSHM)   # podman's own, taken before it unmounted /dev/shm
-        await asyncio.to_thread(podman_archive.write, archive, static, upper, volumes, dumps, aside,
-                                shm if os.path.exists(shm) else None)
+            if images is not None and not images.done():
+                await asyncio.gather(images, return_exceptions=True)
+            writer.abandon()
+            self._clear_requests(cid, "aside", "dumped")
         criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
         return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
-                         {"runtime": dumped - started, "archive": time.monotonic() - dumped})
+                         {"runtime": runtime, "archive": time.monotonic() - started - runtime})
+
+    @staticmethod
+    def _archive_images(writer: podman_archive.ArchiveWriter, static: str, aside: str) -> None:
+        writer.add_images(os.path.join(static, "checkpoint"))
+        writer.add_pages(aside)
 
     @staticmethod
     def _pages_back(static: str) -> None:
@@ -399,6 +422,14 @@ def _criu_tail(stderr: str) -> str:
         if errors:
             message += " | CRIU log: " + " | ".join(errors)
     return message
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _children(pid: int) -> list[int]:

@@ -18,6 +18,8 @@ import stat
 import tarfile
 import tempfile
 
+from stasis.agent.tar_split import BLOCK, write_all
+
 # Files podman manages itself in every container (bind mounts, recreated at restore): its own
 # export leaves them out of the root filesystem's changes as well.
 MANAGED = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", "run/.containerenv"}
@@ -40,25 +42,6 @@ def rootfs_changes(upper: str) -> tuple[list[str], list[str]]:
     return changed, deleted
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o600
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _add_nested(tar: tarfile.TarFile, name: str, members: list[tuple[str, str, bool]]) -> None:
-    """A tar inside the archive, of (path, name inside, recursive) members; staged in a temporary
-    file beside the archive, since a volume may be large."""
-    with tempfile.TemporaryFile(dir=os.path.dirname(tar.name or ".")) as staged:
-        with tarfile.open(fileobj=staged, mode="w") as inner:
-            for path, arcname, recursive in members:
-                inner.add(path, arcname=arcname, recursive=recursive)
-        info = tarfile.TarInfo(name)
-        info.size, info.mode = staged.tell(), 0o600
-        staged.seek(0)
-        tar.addfile(info, staged)
-
-
 def _tree(folder: str) -> list[tuple[str, str, bool]]:
     """A folder's contents (how podman ships /dev/shm and each volume)."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
@@ -79,34 +62,120 @@ def read_dumps(static_dir: str) -> dict[str, bytes]:
     return out
 
 
-def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str],
-          dumps: dict[str, bytes] | None = None, pages: str | None = None, shm_tar: str | None = None) -> None:
-    """Write the import archive; `volumes` maps a named volume to its folder ({} leaves them out);
-    `dumps`: read_dumps() taken earlier (default: read now); `pages`: a folder holding CRIU's
-    pages-*.img that are not in its image folder; `shm_tar`: /dev/shm as podman tarred it (default:
-    tar the mounted folder, which a frozen container still has)."""
-    dumps = dumps if dumps is not None else read_dumps(static_dir)
-    with tarfile.open(archive, "w", copybufsize=1 << 20) as tar:
-        tar.add(os.path.join(static_dir, "checkpoint"), arcname="checkpoint")
-        for name in sorted(os.listdir(pages)) if pages and os.path.isdir(pages) else []:
+class ArchiveWriter:
+    """The outer archive, written member by member. Files are copied by the kernel
+    (copy_file_range: no trip through this process for a GiB of pages), small members are built
+    by tarfile. Usable in steps from worker threads, one step at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def _small(self, build) -> None:
+        """Members tarfile writes (folders, small files, bytes), without its end-of-archive blocks."""
+        buf = io.BytesIO()
+        tar = tarfile.open(fileobj=buf, mode="w")
+        build(tar)
+        end = tar.offset
+        tar.close()
+        write_all(self.fd, buf.getbuffer()[:end])
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), 0o600
+        self._small(lambda tar: tar.addfile(info, io.BytesIO(data)))
+
+    def add_file(self, path: str, arcname: str) -> None:
+        with open(path, "rb") as src:
+            st = os.fstat(src.fileno())
+            info = tarfile.TarInfo(arcname)
+            info.size, info.mode, info.mtime = st.st_size, stat.S_IMODE(st.st_mode), int(st.st_mtime)
+            info.uid, info.gid = st.st_uid, st.st_gid
+            write_all(self.fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            left = st.st_size
+            while left:
+                copied = os.copy_file_range(src.fileno(), self.fd, min(left, 1 << 30))
+                if copied == 0:
+                    raise OSError(f"{path} shrank while it was archived")
+                left -= copied
+            write_all(self.fd, bytes(-st.st_size % BLOCK))
+
+    def add_images(self, folder: str, arcname: str = "checkpoint") -> None:
+        """CRIU's image folder: the folder itself, then its files (regular ones by the kernel)."""
+        names = sorted(os.listdir(folder))
+        regular = [n for n in names if stat.S_ISREG(os.lstat(os.path.join(folder, n)).st_mode)]
+        other = [n for n in names if n not in regular]
+
+        def build(tar: tarfile.TarFile) -> None:
+            tar.add(folder, arcname=arcname, recursive=False)
+            for name in other:
+                tar.add(os.path.join(folder, name), arcname=f"{arcname}/{name}")
+        self._small(build)
+        for name in regular:
+            self.add_file(os.path.join(folder, name), f"{arcname}/{name}")
+
+    def add_pages(self, folder: str, arcname: str = "checkpoint") -> None:
+        """pages-*.img set aside from CRIU's image folder, back into it in the archive."""
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if name.startswith("pages-") and name.endswith(".img"):
-                tar.add(os.path.join(pages, name), arcname=f"checkpoint/{name}", recursive=False)
+                self.add_file(os.path.join(folder, name), f"{arcname}/{name}")
+
+    def add_nested(self, name: str, members: list[tuple[str, str, bool]]) -> None:
+        """A tar inside the archive, of (path, name inside, recursive) members; staged in a temporary
+        file beside the archive, since a volume may be large."""
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(self.path) or ".") as staged:
+            with tarfile.open(fileobj=staged, mode="w") as inner:
+                for path, arcname, recursive in members:
+                    inner.add(path, arcname=arcname, recursive=recursive)
+            staged.flush()
+            self.add_file(staged.name, name)
+
+    def add_state(self, static_dir: str, upper: str, volumes: dict[str, str], dumps: dict[str, bytes],
+                  shm_tar: str | None) -> None:
+        """Everything but CRIU's images: podman's dumps and records, /dev/shm, the root filesystem's
+        changes and named volumes."""
         for name, data in dumps.items():
-            _add_bytes(tar, name, data)
+            self.add_bytes(name, data)
         # podman's record of the container's network (written when it started); "null" without one.
         try:
             with open(os.path.join(static_dir, "network.status"), "rb") as f:
                 status = f.read(1 << 20)
         except FileNotFoundError:
             status = b"null"
-        _add_bytes(tar, "network.status", status)
+        self.add_bytes("network.status", status)
         if shm_tar:
-            tar.add(shm_tar, arcname=DEVSHM, recursive=False)
+            self.add_file(shm_tar, DEVSHM)
         else:
-            _add_nested(tar, DEVSHM, _tree(os.path.join(static_dir, "shm")))
+            self.add_nested(DEVSHM, _tree(os.path.join(static_dir, "shm")))
         changed, deleted = rootfs_changes(upper)
-        _add_nested(tar, "rootfs-diff.tar", [(os.path.join(upper, rel), rel, False) for rel in changed])
+        self.add_nested("rootfs-diff.tar", [(os.path.join(upper, rel), rel, False) for rel in changed])
         if deleted:
-            _add_bytes(tar, "deleted.files", json.dumps(deleted).encode())
+            self.add_bytes("deleted.files", json.dumps(deleted).encode())
         for name, folder in sorted(volumes.items()):
-            _add_nested(tar, f"volumes/{name}.tar", _tree(folder))
+            self.add_nested(f"volumes/{name}.tar", _tree(folder))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            write_all(self.fd, bytes(2 * BLOCK))   # end of archive
+            os.close(self.fd)
+            self.fd = -1
+
+    def abandon(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str],
+          dumps: dict[str, bytes] | None = None, shm_tar: str | None = None) -> None:
+    """Write the import archive in one go; `volumes` maps a named volume to its folder ({} leaves
+    them out); `dumps`: read_dumps() taken earlier (default: read now); `shm_tar`: /dev/shm as podman
+    tarred it (default: tar the mounted folder, which a frozen container still has)."""
+    dumps = dumps if dumps is not None else read_dumps(static_dir)
+    writer = ArchiveWriter(archive)
+    try:
+        writer.add_images(os.path.join(static_dir, "checkpoint"))
+        writer.add_state(static_dir, upper, volumes, dumps, shm_tar)
+        writer.close()
+    finally:
+        writer.abandon()

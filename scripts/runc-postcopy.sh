@@ -12,7 +12,8 @@
 #                          succeeded, move CRIU's pages-*.img out of the image folder into
 #                          IMAGES/../stasis-pages, so that podman's own export (single-threaded)
 #                          stays small. The agent ships the pages itself, and puts them back
-#                          before a local restore.
+#                          before a local restore. Then runc's exit status goes to REQ/ID.dumped:
+#                          the agent starts its archive with the pages while podman finishes.
 #   REQ/ID.pages    DIR    restore (stop-and-copy migration): CRIU's pages-*.img are in DIR, not in
 #                          the imported archive (the agent wrote them there as they arrived): link
 #                          them into the image folder first.
@@ -38,15 +39,17 @@ for i in "${!args[@]}"; do
             for j in "${!args[@]}"; do
                 [ "${args[$j]}" = --image-path ] && img=${args[j+1]}
             done
-            "$REAL" "$@" || exit
+            "$REAL" "$@"
+            rc=$?
             # A rename within podman's own folder: instant, whatever the size. The dump stands even if
             # it fails: the pages left in place are exported by podman, and the agent ships them too.
-            if [ -d "$img" ]; then
+            if [ "$rc" = 0 ] && [ -d "$img" ]; then
                 mkdir -p -m 0700 "$img/../stasis-pages" &&
                     find "$img" -maxdepth 1 -name 'pages-*.img' -exec mv -t "$img/../stasis-pages" {} + ||
                     echo "stasis runc: could not set the pages of $id aside" >&2
             fi
-            exit 0
+            echo "$rc" > "$REQ/$id.dumped.tmp" && mv "$REQ/$id.dumped.tmp" "$REQ/$id.dumped"
+            exit "$rc"
         fi
         fresh "$REQ/$id.dump" || break
         read -r port < "$REQ/$id.dump"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import subprocess
 import tarfile
 
 import pytest
@@ -129,3 +130,36 @@ def test_dumps_taken_early_survive_podman_deleting_them(tmp_path):
                    "network.status": b'{"eth0": {}}'}
     with pytest.raises(FileNotFoundError):     # without podman's config the archive cannot be imported
         podman_archive.read_dumps(str(static))
+
+
+def test_pages_set_aside_go_back_into_the_image_folder_of_the_archive(tmp_path):
+    """Stop-and-copy: CRIU's images first (pages from the folder the runc wrapper moved them to), podman's
+    state after it; every member byte for byte, in a tar that GNU tar and Python both read."""
+    static, upper, aside = tmp_path / "userdata", tmp_path / "upper", tmp_path / "userdata" / "stasis-pages"
+    for d in (static / "checkpoint", upper, aside):
+        d.mkdir(parents=True, exist_ok=True)
+    (static / "checkpoint" / "pagemap-1.img").write_bytes(b"map")
+    (static / "checkpoint" / "core-1.img").write_bytes(b"c" * 513)
+    pages = os.urandom(3 << 20) + b"tail"
+    (aside / "pages-1.img").write_bytes(pages)
+    (aside / "unrelated").write_bytes(b"not a page")
+    shm = tmp_path / "devshm.tar"
+    with tarfile.open(shm, "w") as t:
+        t.addfile(tarfile.TarInfo("empty"))
+    archive = tmp_path / "out.tar"
+    writer = podman_archive.ArchiveWriter(str(archive))
+    writer.add_images(str(static / "checkpoint"))
+    writer.add_pages(str(aside))
+    writer.add_state(str(static), str(upper), {}, {"config.dump": b"{}", "spec.dump": b"{}"}, str(shm))
+    writer.close()
+
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        assert names[:4] == ["checkpoint", "checkpoint/core-1.img", "checkpoint/pagemap-1.img",
+                             "checkpoint/pages-1.img"]
+        assert tar.extractfile("checkpoint/pages-1.img").read() == pages
+        assert tar.extractfile("checkpoint/core-1.img").read() == b"c" * 513
+        assert tar.extractfile("devshm-checkpoint.tar").read() == shm.read_bytes()
+        assert "checkpoint/unrelated" not in names and {"config.dump", "rootfs-diff.tar"} <= set(names)
+    listed = subprocess.run(["tar", "-tf", str(archive)], capture_output=True, text=True, check=True).stdout.split()
+    assert listed[:4] == ["checkpoint/", "checkpoint/core-1.img", "checkpoint/pagemap-1.img", "checkpoint/pages-1.img"]

@@ -19,9 +19,11 @@ from stasis.security.pki import Authority
 from stasis.testbed.images import rootfs_tar
 from stasis.testbed.ports import free_port, wait_port
 
-# Where podman, conmon and runc keep per-host state; each host gets its own copy of each.
+# Where podman, conmon and runc keep per-host state; each host gets its own copy of each. /dev/shm
+# holds podman's lock table (libpod_lock): shared, a podman hung on one host could hold a lock
+# another host's container was given.
 HOST_STATE = {"/var/lib/containers": "lib", "/run/containers": "run", "/run/libpod": "libpod",
-              "/run/runc": "runc"}
+              "/run/runc": "runc", "/dev/shm": "shm"}
 
 
 def stasis_argv() -> list[str]:
