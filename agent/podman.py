@@ -183,7 +183,7 @@ class PodmanRuntime(Runtime):
         started = time.monotonic()
         dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
         dumped = self._request(cid, "dumped")
-        writer = podman_archive.ArchiveWriter(archive)
+        writer = podman_archive.ArchiveWriter(archive, references=True)   # the pages are read where they lie
         images = None
         try:
             while not dump.done() and not os.path.exists(dumped):

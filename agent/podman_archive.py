@@ -18,6 +18,7 @@ import stat
 import tarfile
 import tempfile
 
+from stasis.agent import spliced_archive
 from stasis.agent.tar_split import BLOCK, write_all
 
 # Files podman manages itself in every container (bind mounts, recreated at restore): its own
@@ -67,9 +68,12 @@ class ArchiveWriter:
     (copy_file_range: no trip through this process for a GiB of pages), small members are built
     by tarfile. Usable in steps from worker threads, one step at a time."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, references: bool = False):
+        """`references`: the pages' data stay in their files, named in PATH.refs (spliced_archive)."""
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.refs_fd = os.open(spliced_archive.refs_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                               0o600) if references else -1
 
     def _small(self, build) -> None:
         """Members tarfile writes (folders, small files, bytes), without its end-of-archive blocks."""
@@ -85,13 +89,17 @@ class ArchiveWriter:
         info.size, info.mode = len(data), 0o600
         self._small(lambda tar: tar.addfile(info, io.BytesIO(data)))
 
-    def add_file(self, path: str, arcname: str) -> None:
+    def add_file(self, path: str, arcname: str, by_reference: bool = False) -> None:
         with open(path, "rb") as src:
             st = os.fstat(src.fileno())
             info = tarfile.TarInfo(arcname)
             info.size, info.mode, info.mtime = st.st_size, stat.S_IMODE(st.st_mode), int(st.st_mtime)
             info.uid, info.gid = st.st_uid, st.st_gid
             write_all(self.fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            if by_reference and self.refs_fd >= 0:
+                at = os.lseek(self.fd, 0, os.SEEK_CUR)
+                spliced_archive.add_reference(self.refs_fd, at, os.path.abspath(path), st.st_size)
+                return
             left = st.st_size
             while left:
                 copied = os.copy_file_range(src.fileno(), self.fd, min(left, 1 << 30))
@@ -118,7 +126,7 @@ class ArchiveWriter:
         """pages-*.img set aside from CRIU's image folder, back into it in the archive."""
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if name.startswith("pages-") and name.endswith(".img"):
-                self.add_file(os.path.join(folder, name), f"{arcname}/{name}")
+                self.add_file(os.path.join(folder, name), f"{arcname}/{name}", by_reference=True)
 
     def add_nested(self, name: str, members: list[tuple[str, str, bool]]) -> None:
         """A tar inside the archive, of (path, name inside, recursive) members; staged in a temporary
@@ -157,13 +165,13 @@ class ArchiveWriter:
     def close(self) -> None:
         if self.fd >= 0:
             write_all(self.fd, bytes(2 * BLOCK))   # end of archive
-            os.close(self.fd)
-            self.fd = -1
+        self.abandon()
 
     def abandon(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.refs_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.refs_fd = -1
 
 
 def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str],

@@ -84,8 +84,9 @@ class Runtime(abc.ABC):
     async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
                                       ignore_volumes: bool = False) -> DumpStats:
         """A migration's stopping dump into `archive`, which a peer reads as it grows; returns once the
-        archive is complete. `scratch`: a folder for the engine's own leftovers. By default, the
-        engine's own export."""
+        archive is complete. It may leave members' data in their own files (spliced_archive), which
+        must stay until the peer has read them or the container is resumed or removed. `scratch`: a
+        folder for the engine's own leftovers. By default, the engine's own export."""
         return await self.checkpoint(name, archive, False, ignore_volumes)
 
     #: post-copy: the dump keeps memory in place and serves it lazily; restore runs before it arrives

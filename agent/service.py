@@ -286,7 +286,7 @@ class AgentService:
                 stats = await (self.runtime.checkpoint_for_transfer(info.name, archive, stage, ignore_volumes)
                                if direct else
                                self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes))
-                size = os.path.getsize(archive)
+                size = self.spool.size(ckpt_id) if direct else os.path.getsize(archive)
             dumped = True
             if ship_image and image_task is None:
                 image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))

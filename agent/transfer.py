@@ -26,6 +26,7 @@ import structlog
 import zstandard
 
 from stasis.agent import failpoints
+from stasis.agent.spliced_archive import SplicedReader, logical_size
 from stasis.agent.tar_split import PagesSplitter, SplitError, write_all
 from stasis.errors import IntegrityError, NotFound, StasisError, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
@@ -110,7 +111,7 @@ class Spool:
         return os.path.join(self._dir(ckpt_id), "checkpoint.tar"), offer, self._outcomes[ckpt_id]
 
     def size(self, ckpt_id: str) -> int:
-        return os.path.getsize(os.path.join(self._dir(ckpt_id), "checkpoint.tar"))
+        return logical_size(os.path.join(self._dir(ckpt_id), "checkpoint.tar"))
 
     def drop(self, ckpt_id: str) -> None:
         self._outcomes.pop(ckpt_id, None)
@@ -155,7 +156,8 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
         await asyncio.sleep(POLL)
     framed: collections.deque[asyncio.Future] = collections.deque()
     started, dump_ended, wire, messages = time.monotonic(), 0.0, 0, 0
-    with open(archive, "rb") as f:
+    f = SplicedReader(archive)
+    try:
         while True:
             # Read before asking whether the dump is done: what was written before it ended is read.
             finished = outcome.done()
@@ -182,6 +184,8 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
                 msg = await framed.popleft()
                 wire, messages = wire + len(msg.data) + len(msg.zdata), messages + 1
                 yield msg
+    finally:
+        f.close()
     while framed:
         msg = await framed.popleft()
         wire, messages = wire + len(msg.data) + len(msg.zdata), messages + 1
@@ -208,7 +212,7 @@ def wants_zstd(peer_address: str) -> bool:
     return not is_loopback(peer_address)
 
 
-def _read_hashed(f, digest) -> bytes:
+def _read_hashed(f: SplicedReader, digest) -> bytes:
     data = f.read(CHUNK)
     digest.update(data)
     return data
