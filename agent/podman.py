@@ -161,9 +161,10 @@ class PodmanRuntime(Runtime):
         with open(self._request(container_id, kind), "w") as f:
             f.write(f"{value}\n")
 
-    async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
-                                      ignore_volumes: bool = False) -> DumpStats:
+    async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str, ignore_volumes: bool = False,
+                                      freezing: Callable[[], None] = lambda: None) -> DumpStats:
         if not await self._wrapped():   # provisioning not rerun since the wrapper learnt to set pages aside
+            freezing()
             return await self.checkpoint(name, archive, False, ignore_volumes)
         c = await self._container_state(name)
         cid, static, upper, volumes = self._layout(c, ignore_volumes)
@@ -176,7 +177,7 @@ class PodmanRuntime(Runtime):
         # CRIU's pages aside before podman exports: its export is small, and the archive is built here
         # with the pages. --keep leaves config.dump and spec.dump for that. The wrapper says when runc is
         # done (ID.dumped): the archive starts with CRIU's images while podman finishes its own work.
-        self._clear_requests(cid, "dumped")
+        self._clear_requests(cid, "dumped", "started")
         self._ask(cid, "aside", 0)
         args = ["container", "checkpoint", name, "--keep", "--export", os.path.join(scratch, "podman-export.tar"),
                 "--compress", "none", "--print-stats", *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
@@ -186,6 +187,7 @@ class PodmanRuntime(Runtime):
         writer = podman_archive.ArchiveWriter(archive, references=True)   # the pages are read where they lie
         images = None
         try:
+            await self._runc_started(cid, dump, freezing)
             while not dump.done() and not os.path.exists(dumped):
                 await asyncio.sleep(0.005)
             if _read(dumped) == "0":   # CRIU is done; its images are complete and the pages aside
@@ -208,10 +210,19 @@ class PodmanRuntime(Runtime):
             if images is not None and not images.done():
                 await asyncio.gather(images, return_exceptions=True)
             writer.abandon()
-            self._clear_requests(cid, "aside", "dumped")
+            self._clear_requests(cid, "aside", "dumped", "started")
+            freezing()   # once only: if runc never started, the dump failed
         criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
         return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
                          {"runtime": runtime, "archive": time.monotonic() - started - runtime})
+
+    async def _runc_started(self, cid: str, dump: asyncio.Future, freezing: Callable[[], None]) -> None:
+        """Call freezing() when the wrapper starts runc for the dump (podman prepares ~50 ms before,
+        while the container runs); polled finely, as a late look would shorten the downtime counted."""
+        started = self._request(cid, "started")
+        while not dump.done() and not os.path.exists(started):
+            await asyncio.sleep(0.001)
+        freezing()
 
     @staticmethod
     def _archive_images(writer: podman_archive.ArchiveWriter, static: str, aside: str) -> None:
@@ -260,10 +271,11 @@ class PodmanRuntime(Runtime):
         return c["Id"], c["StaticDir"], upper, volumes
 
     async def checkpoint_post_copy(self, name: str, archive: str, scratch: str, ignore_volumes: bool, port: int,
-                                   images_ready: Callable[[float], Awaitable[None]]) -> DumpStats:
+                                   images_ready: Callable[[float], Awaitable[None]],
+                                   freezing: Callable[[], None] = lambda: None) -> DumpStats:
         c = await self._container_state(name)
         cid, static, upper, volumes = self._layout(c, ignore_volumes)
-        self._clear_requests(cid, "ready", "runc")
+        self._clear_requests(cid, "ready", "runc", "started")
         self._ask(cid, "dump", port)
         # podman writes config.dump and spec.dump only when it exports; its export itself comes
         # after the last page has left, holds no memory, and is thrown away.
@@ -274,6 +286,8 @@ class PodmanRuntime(Runtime):
         dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
         frozen = 0.0
         try:
+            await self._runc_started(cid, dump, freezing)
+            started = time.monotonic()   # what "frozen" counts from, as the downtime does
             ready = self._request(cid, "ready")
             while not dump.done() and not (os.path.exists(ready) and os.path.getsize(ready) > 0):
                 await asyncio.sleep(0.005)
@@ -287,7 +301,8 @@ class PodmanRuntime(Runtime):
             await asyncio.gather(dump, return_exceptions=True)
             raise
         finally:
-            self._clear_requests(cid, "dump", "ready", "runc")
+            self._clear_requests(cid, "dump", "ready", "runc", "started")
+            freezing()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(export)
         if out.returncode != 0:

@@ -81,20 +81,25 @@ class Runtime(abc.ABC):
         the same mount as the engine's images so that they are linked, not copied; "" if it cannot."""
         return ""
 
-    async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str,
-                                      ignore_volumes: bool = False) -> DumpStats:
+    async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str, ignore_volumes: bool = False,
+                                      freezing: Callable[[], None] = lambda: None) -> DumpStats:
         """A migration's stopping dump into `archive`, which a peer reads as it grows; returns once the
         archive is complete. It may leave members' data in their own files (spliced_archive), which
         must stay until the peer has read them or the container is resumed or removed. `scratch`: a
-        folder for the engine's own leftovers. By default, the engine's own export."""
+        folder for the engine's own leftovers. `freezing()`: called once, when the engine starts the
+        dump that freezes the container (downtime counts from there). By default, the engine's own
+        export."""
+        freezing()
         return await self.checkpoint(name, archive, False, ignore_volumes)
 
     #: post-copy: the dump keeps memory in place and serves it lazily; restore runs before it arrives
     supports_post_copy: bool = False
 
     async def checkpoint_post_copy(self, name: str, archive: str, scratch: str, ignore_volumes: bool, port: int,
-                                   images_ready: Callable[[float], Awaitable[None]]) -> DumpStats:
-        """Dump everything but memory into `archive`, call `images_ready(seconds frozen so far)`,
+                                   images_ready: Callable[[float], Awaitable[None]],
+                                   freezing: Callable[[], None] = lambda: None) -> DumpStats:
+        """Dump everything but memory into `archive` (calling `freezing()` as for
+        checkpoint_for_transfer), call `images_ready(seconds frozen so far)`,
         then serve memory from CRIU's page server on 127.0.0.1:`port` until the peer has it all.
         `scratch`: a folder for the engine's own leftovers."""
         raise FailedPrecondition(f"{self.name} cannot migrate with post-copy; it needs podman")

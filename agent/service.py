@@ -278,15 +278,23 @@ class AgentService:
                 if self.signer is not None:
                     offer = self.signer.sign(offer)
                 archive = self.spool.begin(ckpt_id, offer.to_bytes(), info.name)
-            emit("dump", f"dumping {info.name} with CRIU", 0, 0)   # the freeze begins: downtime counts
+            announced = []
+
+            def freezing() -> None:   # the freeze begins: a migration's downtime counts from here
+                if not announced:
+                    announced.append(True)
+                    emit("dump", f"dumping {info.name} with CRIU", 0, 0)
             if post_copy:
                 stats, size = await self._dump_post_copy(info, ckpt_id, archive, stage, ignore_volumes, image_task,
-                                                         emit)
+                                                         emit, freezing)
+            elif direct:
+                stats = await self.runtime.checkpoint_for_transfer(info.name, archive, stage, ignore_volumes,
+                                                                   freezing)
+                size = self.spool.size(ckpt_id)
             else:
-                stats = await (self.runtime.checkpoint_for_transfer(info.name, archive, stage, ignore_volumes)
-                               if direct else
-                               self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes))
-                size = self.spool.size(ckpt_id) if direct else os.path.getsize(archive)
+                freezing()
+                stats = await self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes)
+                size = os.path.getsize(archive)
             dumped = True
             if ship_image and image_task is None:
                 image_task = asyncio.ensure_future(self._ship_image(repo, info, stage, timings, lock, stored))
@@ -337,7 +345,7 @@ class AgentService:
             await asyncio.to_thread(lock.release)
 
     async def _dump_post_copy(self, info: ContainerInfo, ckpt_id: str, archive: str, stage: str,
-                              ignore_volumes: bool, image_task, emit: Emit):
+                              ignore_volumes: bool, image_task, emit: Emit, freezing: Callable[[], None]):
         """Everything but memory goes to the peer as a direct archive; memory stays in CRIU's page
         server, relayed to the peer (RelayPages) as it faults pages in. Returns when all have left."""
         sent = {}
@@ -353,7 +361,7 @@ class AgentService:
         self._post_copy_dumps[info.name] = (info.id, ended)
         try:
             stats = await self.runtime.checkpoint_post_copy(info.name, archive, stage, ignore_volumes,
-                                                            self._page_servers[ckpt_id][0], images_ready)
+                                                            self._page_servers[ckpt_id][0], images_ready, freezing)
         finally:
             self._page_servers.pop(ckpt_id, None)
             self._post_copy_dumps.pop(info.name, None)

@@ -5,6 +5,8 @@
 # podman 4.3 has no lazy-pages options, so provisioning names this script as podman's "runc"
 # (containers.conf [engine.runtimes]). For every other call it is runc itself (exec, same pid).
 # The agent asks per container, by writing a request file named after the container id:
+# Either checkpoint request first creates REQ/ID.started, the moment runc is started: the
+# container still runs until CRIU freezes it, so downtime is counted from there.
 #   REQ/ID.dump     PORT   checkpoint: CRIU keeps the memory and serves it from 127.0.0.1:PORT
 #                          (runc.conf says `address 127.0.0.1`); the images are complete once
 #                          REQ/ID.ready holds a byte; REQ/ID.runc names runc's pid (to abort).
@@ -35,6 +37,7 @@ for i in "${!args[@]}"; do
     checkpoint)
         if ! fresh "$REQ/$id.dump" && fresh "$REQ/$id.aside"; then
             rm -f "$REQ/$id.aside"
+            : > "$REQ/$id.started"
             img=""
             for j in "${!args[@]}"; do
                 [ "${args[$j]}" = --image-path ] && img=${args[j+1]}
@@ -57,6 +60,7 @@ for i in "${!args[@]}"; do
         [[ $port =~ ^[0-9]{1,5}$ ]] || { echo "stasis runc: bad post-copy request for $id" >&2; exit 1; }
         exec 9>>"$REQ/$id.ready"
         echo $$ > "$REQ/$id.runc"
+        : > "$REQ/$id.started"
         exec "$REAL" "${args[@]:0:i+1}" --lazy-pages --page-server "127.0.0.1:$port" --status-fd 9 \
             "${args[@]:i+1}"
         ;;
