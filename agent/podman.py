@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from datetime import datetime, timezone
@@ -45,6 +46,7 @@ class PodmanRuntime(Runtime):
         self._inspected: dict[str, tuple[float, dict]] = {}
         self._wrapper: bool | None = None
         self._landing: str | None = None
+        self._sweep_landing = False
 
     async def _podman(self, *args: str, timeout: float = 120.0, check: bool = True):
         return await run([self.podman, *args], timeout=timeout, check=check)
@@ -110,6 +112,17 @@ class PodmanRuntime(Runtime):
             if pages_port or pages_dir:
                 self._clear_requests(container_id, "restore", "pages")
 
+    def sweep(self, older_than: float = 600.0) -> None:
+        """Requests older than the wrapper would honour, and the pages of restores that never ended
+        (a landing folder is only ever used by the agent that made it, in one restore)."""
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(LAZY_REQUESTS):
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > older_than:
+                        os.unlink(entry.path)
+        self._sweep_landing = True
+
     async def pages_landing(self) -> str:
         if not await self._wrapped():
             return ""
@@ -121,6 +134,10 @@ class PodmanRuntime(Runtime):
             self._landing = os.path.join(os.path.dirname(root.rstrip("/")), "stasis-pages") if root else ""
             if self._landing:
                 os.makedirs(self._landing, mode=0o700, exist_ok=True)
+                if self._sweep_landing:   # this agent has not landed anything yet: all of it is stale
+                    self._sweep_landing = False
+                    for entry in os.scandir(self._landing):
+                        shutil.rmtree(entry.path, ignore_errors=True)
         return self._landing
 
     async def _restore(self, archive: str, name: str, renamed: bool, ignore_volumes: bool) -> RestoreStats:

@@ -76,6 +76,10 @@ class Runtime(abc.ABC):
         source) for the container `container_id`. `pages_dir`: CRIU's pages-*.img are in this folder,
         not in the archive (a folder in `pages_landing()`; same name and id)."""
 
+    def sweep(self) -> None:
+        """At the agent's start: remove what an agent killed mid-migration left behind."""
+        return None
+
     async def pages_landing(self) -> str:
         """A folder where restore() can take CRIU's pages from (pages_dir: a folder made in it), on
         the same mount as the engine's images so that they are linked, not copied; "" if it cannot."""

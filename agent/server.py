@@ -185,6 +185,7 @@ async def serve(service: AgentService, listen: str, controller: str | None, adve
     log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid(), tls=transport.secure)
     tasks = [asyncio.ensure_future(_register_loop(service, controller, address, transport))] if controller else []
     tasks.append(asyncio.ensure_future(service.warm_up()))
+    service.runtime.sweep()
     try:
         await server.wait_for_termination()
     finally:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+
 import pytest
 
 from stasis.agent.podman import _first_container_stats, check_name
@@ -54,3 +58,34 @@ def test_criu_failure_carries_the_tail_of_criu_log(tmp_path):
     msg = _criu_tail(stderr)
     assert "CRIU checkpointing failed" in msg and "Can't dump fd 7" in msg and "Dumping FAILED" in msg
     assert "\n" not in msg
+
+
+def test_sweep_removes_stale_requests_and_landed_pages(tmp_path, monkeypatch):
+    from stasis.agent import podman as podman_mod
+
+    requests, graph = tmp_path / "lazy", tmp_path / "containers" / "storage"
+    requests.mkdir()
+    graph.mkdir(parents=True)
+    old, fresh = requests / ("a" * 64 + ".daemon"), requests / ("b" * 64 + ".dump")
+    old.write_text("1\n")
+    fresh.write_text("2\n")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    landed = tmp_path / "containers" / "stasis-pages" / "ckpt-xyz"
+    landed.mkdir(parents=True)
+    (landed / "pages-1.img").write_bytes(b"p")
+    monkeypatch.setattr(podman_mod, "LAZY_REQUESTS", str(requests))
+    runtime = podman_mod.PodmanRuntime()
+
+    async def wrapped():
+        return True
+
+    async def fake_podman(*args, **kwargs):
+        return type("Out", (), {"returncode": 0, "stdout": str(graph) + "\n", "stderr": ""})()
+    monkeypatch.setattr(runtime, "_wrapped", wrapped)
+    monkeypatch.setattr(runtime, "_podman", fake_podman)
+    runtime.sweep()
+    assert not old.exists() and fresh.exists()
+    landing = asyncio.run(runtime.pages_landing())
+    assert landing == str(tmp_path / "containers" / "stasis-pages") and os.listdir(landing) == []
+    os.mkdir(os.path.join(landing, "mine"))
+    assert asyncio.run(runtime.pages_landing()) == landing and os.listdir(landing) == ["mine"]
