@@ -24,7 +24,7 @@ log = structlog.get_logger("stasis.agent")
 # Post-copy requests for the runc wrapper (scripts/runc-postcopy.sh reads the same folder).
 LAZY_REQUESTS = "/run/stasis/lazy"
 WRAPPER = "/usr/local/lib/stasis/runc"     # scripts/runc-postcopy.sh, installed by provisioning
-WRAPPER_VERSION = "stasis-runc-wrapper: 2"   # a line of the wrapper that sets pages aside
+WRAPPER_VERSION = "stasis-runc-wrapper: 3"   # the wrapper's line: pages aside, ID.started
 PAGES_ASIDE = "stasis-pages"   # where it moves them, beside CRIU's image folder
 
 # What a migration must carry besides memory and files, as podman's own export can: established TCP
@@ -186,7 +186,8 @@ class PodmanRuntime(Runtime):
         c = await self._container_state(name)
         cid, static, upper, volumes = self._layout(c, ignore_volumes)
         aside = os.path.join(static, PAGES_ASIDE)
-        self._pages_back(static)   # a rollback that never ran (agent killed): nothing is left behind
+        # Pages a killed agent's migration left aside are stale: the container runs again since.
+        await asyncio.to_thread(shutil.rmtree, aside, True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(static, podman_archive.DEVSHM))   # podman writes it anew if it has one
         # podman writes config.dump and spec.dump only when it exports, and its export is single-threaded

@@ -46,7 +46,8 @@ SPOOL_TTL = 3600.0       # seconds an unfetched archive is kept (a migration tha
 
 
 class Spool:
-    """Archives held for a peer: SPOOL/ID/{offer, container, checkpoint.tar}.
+    """Archives held for a peer: SPOOL/ID/{offer, container, checkpoint.tar[, checkpoint.tar.refs]}
+    (refs: members whose data stay in their own files, spliced_archive).
 
     An entry exists from the moment the dump starts: podman writes the archive front to back, and
     a peer that is already fetching follows it as it grows (the transfer overlaps the dump). The

@@ -1,6 +1,6 @@
 #!/bin/bash
 # stasis: podman's runc, with post-copy (lazy pages) and pages set aside for the containers the agent asks.
-# stasis-runc-wrapper: 2   (the agent checks this line before it asks for pages aside or placed)
+# stasis-runc-wrapper: 3   (the agent checks this line before it asks for pages aside or placed)
 #
 # podman 4.3 has no lazy-pages options, so provisioning names this script as podman's "runc"
 # (containers.conf [engine.runtimes]). For every other call it is runc itself (exec, same pid).
