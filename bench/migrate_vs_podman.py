@@ -15,8 +15,10 @@ MiB of memory, half of it compressible), the image already on both hosts:
   relay). Its "transfer" column is the copy of memory after the container already runs ("pages"),
   which is not downtime.
 
-Downtime runs from the freeze on the source to the container running on the destination. Figures
-are medians over the rounds; these machines are shared and noisy, so read the ratios.
+Downtime runs from the freeze on the source to the container running on the destination (for
+stasis, from the moment runc starts the dump). Every row starts after a sync, with no dirty data
+left by the row before. Figures are medians over the rounds; these machines are shared and noisy,
+so read the ratios.
 
     python bench/migrate_vs_podman.py [--mib 64 1024 4096] [--rounds 3]
 """
@@ -99,6 +101,9 @@ def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: 
         for i, (label, method) in enumerate(methods.items()):
             name = f"bench-{mib}-{r}-{i}"
             a.run_workload(name, mib, compressible_percent=50)
+            # Every row starts with no dirty data left by the row before (the baseline writes GiBs):
+            # otherwise whichever row follows it is throttled by that write-back, not by itself.
+            os.sync()
             time.sleep(0.5)
             res = method(name)
             results[label].append(res)

@@ -4,9 +4,9 @@
 #
 # podman 4.3 has no lazy-pages options, so provisioning names this script as podman's "runc"
 # (containers.conf [engine.runtimes]). For every other call it is runc itself (exec, same pid).
-# The agent asks per container, by writing a request file named after the container id:
-# Either checkpoint request first creates REQ/ID.started, the moment runc is started: the
-# container still runs until CRIU freezes it, so downtime is counted from there.
+# The agent asks per container, by writing a request file named after the container id (either
+# checkpoint request first creates REQ/ID.started, the moment runc is started: the container still
+# runs until CRIU freezes it, so downtime is counted from there):
 #   REQ/ID.dump     PORT   checkpoint: CRIU keeps the memory and serves it from 127.0.0.1:PORT
 #                          (runc.conf says `address 127.0.0.1`); the images are complete once
 #                          REQ/ID.ready holds a byte; REQ/ID.runc names runc's pid (to abort).
