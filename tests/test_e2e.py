@@ -586,6 +586,7 @@ def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(clust
 def test_ignore_volumes_leaves_named_volumes_to_shared_storage(cluster):
     """--ignore-volumes: both hosts mount the volume (here: one of the same name on each, standing
     in for shared storage); the destination's is used, its contents are not overwritten."""
+    cluster.wait_hosts_up(["host-a", "host-b"])   # the case before restarted the controller (seen in CI)
     a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
     web, vol = name("shv"), name("shared")
     for host, text in ((a, "source"), (b, "destination")):
