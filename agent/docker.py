@@ -27,12 +27,14 @@ from typing import Any
 
 import docker
 import docker.errors
+import structlog
 
 from stasis.agent.podman import check_name
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
 from stasis.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, IntegrityError, NotFound,
                            RuntimeFailure, Unavailable)
 
+log = structlog.get_logger("stasis.agent")
 CHECKPOINT_PREFIX = "stasis-"
 COMMIT_REPO = "localhost/stasis-checkpoint"
 _ARCHIVE_MEMBERS = ("config.json", "image.tar")
@@ -217,7 +219,16 @@ class DockerRuntime(Runtime):
         names = [i.get("Name", "") for i in res or [] if i.get("Name", "").startswith(CHECKPOINT_PREFIX)]
         if not names:
             raise RuntimeFailure(f"{name} has no stasis checkpoint to resume from")
-        await self._call(self._post_start, c["Id"], names[-1])
+        try:
+            await self._call(self._post_start, c["Id"], names[-1])
+        except RuntimeFailure as exc:
+            # containerd sometimes refuses the checkpoint's upload with "content ... already exists"
+            # (seen in CI during a rollback): the content is there by then, and a second start works.
+            if "already exists" not in exc.message:
+                raise
+            log.warning("docker refused the checkpoint's content as already present; starting again",
+                        container=name)
+            await self._call(self._post_start, c["Id"], names[-1])
 
     async def remove(self, name: str, force: bool = False) -> None:
         try:
