@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-BLOCK = 512
+from stasis.agent.tar_split import BLOCK
 
 
 def refs_path(archive: str) -> str:
