@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
@@ -26,6 +27,7 @@ LAZY_REQUESTS = "/run/stasis/lazy"
 WRAPPER = "/usr/local/lib/stasis/runc"     # scripts/runc-postcopy.sh, installed by provisioning
 WRAPPER_VERSION = "stasis-runc-wrapper: 3"   # the wrapper's line: pages aside, ID.started
 PAGES_ASIDE = "stasis-pages"   # where it moves them, beside CRIU's image folder
+STREAMED = "streamed"          # in it: the agent's links to the page files it sends during the dump
 
 # What a migration must carry besides memory and files, as podman's own export can: established TCP
 # connections (the container's own network namespace moves with it) and file locks. Harmless when
@@ -123,6 +125,10 @@ class PodmanRuntime(Runtime):
                         os.unlink(entry.path)
         self._sweep_landing = True
 
+    async def warm_up(self) -> None:
+        # `podman info` costs ~0.3 CPU-seconds here (it asks the package manager about conmon and runc).
+        await self.pages_landing()
+
     async def pages_landing(self) -> str:
         if not await self._wrapped():
             return ""
@@ -186,8 +192,11 @@ class PodmanRuntime(Runtime):
         c = await self._container_state(name)
         cid, static, upper, volumes = self._layout(c, ignore_volumes)
         aside = os.path.join(static, PAGES_ASIDE)
-        # Pages a killed agent's migration left aside are stale: the container runs again since.
+        # Pages a killed agent's migration left aside are stale: the container runs again since. So is
+        # what an earlier dump (rolled back, or kept by --keep) left in the image folder; CRIU would
+        # truncate those files in place, under a follower that had taken them for this dump's.
         await asyncio.to_thread(shutil.rmtree, aside, True)
+        await asyncio.to_thread(_empty_folder, os.path.join(static, "checkpoint"))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(static, podman_archive.DEVSHM))   # podman writes it anew if it has one
         # podman writes config.dump and spec.dump only when it exports, and its export is single-threaded
@@ -203,13 +212,21 @@ class PodmanRuntime(Runtime):
         dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
         dumped = self._request(cid, "dumped")
         writer = podman_archive.ArchiveWriter(archive, references=True)   # the pages are read where they lie
-        images = None
+        # Memory goes into the archive (and to the peer following it) while CRIU writes it.
+        follower = podman_archive.PagesFollower(writer, os.path.join(static, "checkpoint"),
+                                                os.path.join(aside, STREAMED))
+        stop = threading.Event()
+        following = images = None
         try:
             await self._runc_started(cid, dump, freezing)
+            following = asyncio.ensure_future(asyncio.to_thread(follower.follow, stop))
             while not dump.done() and not os.path.exists(dumped):
                 await asyncio.sleep(0.005)
+            stop.set()
+            await following
             if _read(dumped) == "0":   # CRIU is done; its images are complete and the pages aside
-                images = asyncio.ensure_future(asyncio.to_thread(self._archive_images, writer, static, aside))
+                images = asyncio.ensure_future(asyncio.to_thread(self._archive_images, writer, follower, static,
+                                                                 aside))
             out = await dump
             runtime = time.monotonic() - started
             if images is not None:
@@ -218,15 +235,17 @@ class PodmanRuntime(Runtime):
                 await asyncio.to_thread(self._pages_back, static)
                 raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
             if images is None:   # no notice came (an old wrapper); podman has finished anyway
-                await asyncio.to_thread(self._archive_images, writer, static, aside)
+                await asyncio.to_thread(self._archive_images, writer, follower, static, aside)
             dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
             shm = os.path.join(static, podman_archive.DEVSHM)   # podman's own, taken before it unmounted /dev/shm
             await asyncio.to_thread(writer.add_state, static, upper, volumes, dumps,
                                     shm if os.path.exists(shm) else None)
             writer.close()
         finally:
-            if images is not None and not images.done():
-                await asyncio.gather(images, return_exceptions=True)
+            stop.set()
+            for task in (following, images):
+                if task is not None and not task.done():
+                    await asyncio.gather(task, return_exceptions=True)
             writer.abandon()
             self._clear_requests(cid, "aside", "dumped", "started")
             freezing()   # once only: if runc never started, the dump failed
@@ -243,9 +262,11 @@ class PodmanRuntime(Runtime):
         freezing()
 
     @staticmethod
-    def _archive_images(writer: podman_archive.ArchiveWriter, static: str, aside: str) -> None:
-        writer.add_images(os.path.join(static, "checkpoint"))
-        writer.add_pages(aside)
+    def _archive_images(writer: podman_archive.ArchiveWriter, follower: podman_archive.PagesFollower,
+                        static: str, aside: str) -> None:
+        images = os.path.join(static, "checkpoint")
+        writer.add_images(images, pages=False)
+        follower.finish(aside, images)   # where the wrapper left them if it could not move them
 
     @staticmethod
     def _pages_back(static: str) -> None:
@@ -253,6 +274,7 @@ class PodmanRuntime(Runtime):
         aside = os.path.join(static, PAGES_ASIDE)
         if not os.path.isdir(aside):
             return
+        shutil.rmtree(os.path.join(aside, STREAMED), ignore_errors=True)   # links only: the files stay
         images = os.path.join(static, "checkpoint")
         for entry in os.listdir(aside):
             os.replace(os.path.join(aside, entry), os.path.join(images, entry))
@@ -455,6 +477,16 @@ def _criu_tail(stderr: str) -> str:
         if errors:
             message += " | CRIU log: " + " | ".join(errors)
     return message
+
+
+def _empty_folder(folder: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _read(path: str) -> str:

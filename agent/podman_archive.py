@@ -17,14 +17,17 @@ import os
 import stat
 import tarfile
 import tempfile
+import threading
 
 from stasis.agent import spliced_archive
-from stasis.agent.tar_split import BLOCK, write_all
+from stasis.agent.tar_split import BLOCK, PAGE_FILE, part_name, write_all
 
 # Files podman manages itself in every container (bind mounts, recreated at restore): its own
 # export leaves them out of the root filesystem's changes as well.
 MANAGED = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", "run/.containerenv"}
 DEVSHM = "devshm-checkpoint.tar"   # /dev/shm's contents, in the archive and as podman leaves it
+PART = 4 << 20   # bytes a page file grows by while CRIU writes it before they go into the archive
+FOLLOW_POLL = 0.005   # seconds between looks at the page files CRIU is writing
 
 
 def rootfs_changes(upper: str) -> tuple[list[str], list[str]]:
@@ -95,22 +98,33 @@ class ArchiveWriter:
             info = tarfile.TarInfo(arcname)
             info.size, info.mode, info.mtime = st.st_size, stat.S_IMODE(st.st_mode), int(st.st_mtime)
             info.uid, info.gid = st.st_uid, st.st_gid
-            write_all(self.fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-            if by_reference and self.refs_fd >= 0:
-                at = os.lseek(self.fd, 0, os.SEEK_CUR)
-                spliced_archive.add_reference(self.refs_fd, at, os.path.abspath(path), st.st_size)
-                return
-            left = st.st_size
-            while left:
-                copied = os.copy_file_range(src.fileno(), self.fd, min(left, 1 << 30))
-                if copied == 0:
-                    raise OSError(f"{path} shrank while it was archived")
-                left -= copied
-            write_all(self.fd, bytes(-st.st_size % BLOCK))
+            self._member(info, src, 0, by_reference)
 
-    def add_images(self, folder: str, arcname: str = "checkpoint") -> None:
-        """CRIU's image folder: the folder itself, then its files (regular ones by the kernel)."""
-        names = sorted(os.listdir(folder))
+    def add_range(self, path: str, arcname: str, start: int, size: int) -> None:
+        """`size` bytes of a file from `start`, as a member of their own (by reference if it can)."""
+        with open(path, "rb") as src:
+            info = tarfile.TarInfo(arcname)
+            info.size, info.mode, info.mtime = size, 0o600, int(os.fstat(src.fileno()).st_mtime)
+            self._member(info, src, start, True)
+
+    def _member(self, info: tarfile.TarInfo, src, start: int, by_reference: bool) -> None:
+        write_all(self.fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if by_reference and self.refs_fd >= 0:
+            at = os.lseek(self.fd, 0, os.SEEK_CUR)
+            spliced_archive.add_reference(self.refs_fd, at, os.path.abspath(src.name), info.size, start)
+            return
+        left, offset = info.size, start
+        while left:
+            copied = os.copy_file_range(src.fileno(), self.fd, min(left, 1 << 30), offset)
+            if copied == 0:
+                raise OSError(f"{src.name} shrank while it was archived")
+            left, offset = left - copied, offset + copied
+        write_all(self.fd, bytes(-info.size % BLOCK))
+
+    def add_images(self, folder: str, arcname: str = "checkpoint", pages: bool = True) -> None:
+        """CRIU's image folder: the folder itself, then its files (regular ones by the kernel);
+        without its pages-*.img if `pages` is false (a PagesFollower adds them)."""
+        names = sorted(n for n in os.listdir(folder) if pages or not PAGE_FILE.match(n))
         regular = [n for n in names if stat.S_ISREG(os.lstat(os.path.join(folder, n)).st_mode)]
         other = [n for n in names if n not in regular]
 
@@ -125,7 +139,7 @@ class ArchiveWriter:
     def add_pages(self, folder: str, arcname: str = "checkpoint") -> None:
         """pages-*.img set aside from CRIU's image folder, back into it in the archive."""
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if name.startswith("pages-") and name.endswith(".img"):
+            if PAGE_FILE.match(name):
                 self.add_file(os.path.join(folder, name), f"{arcname}/{name}", by_reference=True)
 
     def add_nested(self, name: str, members: list[tuple[str, str, bool]]) -> None:
@@ -172,6 +186,66 @@ class ArchiveWriter:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.refs_fd = -1
+
+
+class PagesFollower:
+    """CRIU's page files put into the archive while CRIU is still writing them, so that a peer
+    fetching the archive receives memory during the dump, not after it.
+
+    CRIU only ever appends to a pages-N.img. Each time one has grown by PART, the new bytes become a
+    member of their own, `checkpoint/pages-N.img.part-OFFSET` (by reference: nothing is copied);
+    `finish()`, once CRIU is done, adds the rest. The receiving agent joins the parts again
+    (tar_split). A hard link in `links` keeps each file's path while the runc wrapper moves the
+    original aside (it must be on the same filesystem as `images`).
+    """
+
+    def __init__(self, writer: ArchiveWriter, images: str, links: str):
+        self.writer, self.images, self.links = writer, images, links
+        self.sent: dict[str, int] = {}   # page file -> bytes of it in the archive so far
+
+    def follow(self, stop: threading.Event) -> None:
+        """Poll until `stop` is set (from another thread); the writer is this thread's meanwhile."""
+        while not stop.wait(FOLLOW_POLL):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            entries = [e for e in os.scandir(self.images) if PAGE_FILE.match(e.name)]
+        except FileNotFoundError:   # CRIU has not made its folder yet
+            entries = []
+        for entry in entries:
+            if entry.name not in self.sent:
+                os.makedirs(self.links, mode=0o700, exist_ok=True)
+                try:
+                    os.link(entry.path, os.path.join(self.links, entry.name))
+                except FileNotFoundError:   # moved aside already: finish() takes it whole
+                    continue
+                self.sent[entry.name] = 0
+        for name, sent in self.sent.items():
+            link = os.path.join(self.links, name)
+            grown = os.stat(link).st_size - sent
+            if grown >= PART:
+                grown -= grown % PART
+                self.writer.add_range(link, part_name(f"checkpoint/{name}", sent), sent, grown)
+                self.sent[name] = sent + grown
+
+    def finish(self, *folders: str) -> None:
+        """The page files' remaining bytes, once CRIU is done, wherever they are now (`folders`):
+        a file this never saw goes whole, under its own name."""
+        where = {}
+        for folder in folders:
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if PAGE_FILE.match(name):
+                    where.setdefault(name, os.path.join(folder, name))
+        for name in sorted(set(where) | set(self.sent)):
+            sent = self.sent.get(name, 0)
+            path = os.path.join(self.links, name) if name in self.sent else where[name]
+            size = os.stat(path).st_size
+            if not sent:
+                self.writer.add_file(path, f"checkpoint/{name}", by_reference=True)
+            elif size > sent:
+                self.writer.add_range(path, part_name(f"checkpoint/{name}", sent), sent, size - sent)
+            self.sent[name] = size
 
 
 def write(archive: str, static_dir: str, upper: str, volumes: dict[str, str],

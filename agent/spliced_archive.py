@@ -4,8 +4,9 @@ A migration's archive is mostly CRIU's pages, already on disk. Copying them into
 for the sender to read them back cost a second write of every page and, measured here, about a
 CPU-second per GiB on a host whose cores the transfer needs. So the writer leaves a member's data
 out of ARCHIVE and records where it belongs in ARCHIVE.refs, one JSON line per member:
-{"at": offset in ARCHIVE, "path": file, "size": bytes}; the reader splices the file (and the tar
-padding after it) in at that offset. Both files are the agent's own, in its private spool.
+{"at": offset in ARCHIVE, "path": file, "size": bytes[, "from": offset in the file]}; the reader
+splices those bytes of the file (and the tar padding after them) in at that offset. Both files are
+the agent's own, in its private spool.
 
 The reader follows an archive that is still being written. The writer records a reference before it
 writes any byte after its offset, so a reader that learns ARCHIVE's size before it reads the
@@ -24,8 +25,9 @@ def refs_path(archive: str) -> str:
     return archive + ".refs"
 
 
-def add_reference(refs_fd: int, at: int, path: str, size: int) -> None:
-    line = json.dumps({"at": at, "path": path, "size": size}).encode() + b"\n"
+def add_reference(refs_fd: int, at: int, path: str, size: int, start: int = 0) -> None:
+    ref = {"at": at, "path": path, "size": size, **({"from": start} if start else {})}
+    line = json.dumps(ref).encode() + b"\n"
     if os.write(refs_fd, line) != len(line):   # an append this small is one write
         raise OSError(f"could not record {path} in the archive's references")
 
@@ -50,7 +52,7 @@ class SplicedReader:
     def __init__(self, archive: str):
         self.file = open(archive, "rb")
         self.refs_file = refs_path(archive)
-        self._refs: list[tuple[int, str, int]] = []   # not yet reached, in order
+        self._refs: list[tuple[int, str, int, int]] = []   # (at, path, size, from): not yet reached, in order
         self._refs_seen = 0       # bytes of the references file parsed so far
         self._pos = 0             # position in the archive file itself
         self._member = None       # (open file, data bytes left, padding left) being spliced in
@@ -66,8 +68,10 @@ class SplicedReader:
         available = os.fstat(self.file.fileno()).st_size   # first: see the module's note
         self._load_refs()
         if self._refs and self._refs[0][0] == self._pos:
-            _, path, size = self._refs.pop(0)
-            self._member = (open(path, "rb"), size, -size % BLOCK)
+            _, path, size, start = self._refs.pop(0)
+            f = open(path, "rb")
+            f.seek(start)
+            self._member = (f, size, -size % BLOCK)
             return self._read_member(n)
         limit = min(available, self._refs[0][0]) if self._refs else available
         if limit <= self._pos:
@@ -99,4 +103,4 @@ class SplicedReader:
         self._refs_seen += len(complete)
         for line in complete.splitlines():
             ref = json.loads(line)
-            self._refs.append((int(ref["at"]), str(ref["path"]), int(ref["size"])))
+            self._refs.append((int(ref["at"]), str(ref["path"]), int(ref["size"]), int(ref.get("from", 0))))

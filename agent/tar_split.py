@@ -9,6 +9,10 @@ The stream comes from an authenticated peer, but it is parsed defensively all th
 extended headers, names checked, and any header this does not understand makes the member stay in
 the archive (which the tar extractor then validates as usual). Nothing here is used before the
 transfer's seal has been verified.
+
+A page file may come in parts, `checkpoint/pages-N.img.part-OFFSET` (the source sends memory while
+CRIU still writes it: podman_archive.PagesFollower); they are joined here, and must arrive in order.
+Where the pages cannot be placed for CRIU, join_pages() puts them back into the archive whole.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import re
 import tarfile
 
 BLOCK = 512
-PAGES = re.compile(r"^(?:\./)?checkpoint/(pages-[0-9]{1,9}\.img)$")
+PAGE_FILE = re.compile(r"^pages-[0-9]{1,9}\.img$")   # CRIU's name for a file of memory pages
+PAGES = re.compile(r"^(?:\./)?checkpoint/(pages-[0-9]{1,9}\.img)(?:\.part-([0-9]{1,15}))?$")
 EXTENDED = (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)   # they describe the next member
 MAX_EXTENDED = 1 << 20   # bytes of one extended header: names and a few numbers, never more
 
@@ -27,15 +32,24 @@ class SplitError(Exception):
     pass
 
 
+def part_name(arcname: str, start: int) -> str:
+    """The member holding a page file's bytes from `start` on."""
+    return f"{arcname}.part-{start}"
+
+
 class PagesSplitter:
     """feed() the archive's bytes in order; members named checkpoint/pages-N.img go to
     `pages_dir`/pages-N.img, everything else (headers included) to the file `fd`, so that it is
     again a well-formed archive without them."""
 
-    def __init__(self, fd: int, pages_dir: str):
+    def __init__(self, fd: int, pages_dir: str, whole: bool = True):
+        """`whole`: a page file that comes as one member goes aside too (else only parts do)."""
         self.fd = fd
+        self.whole = whole
         self.pages_dir = pages_dir
-        self.pages: list[str] = []
+        self.pages: dict[str, int] = {}   # page file -> bytes written so far, in order of arrival
+        self.end_at = -1                   # where the end-of-archive block begins in `fd`
+        self._kept: set[str] = set()       # page files left whole in the archive (not `whole`)
         self._header = b""             # a header block still being assembled
         self._held: list[bytes] = []   # extended headers and their data, written with their member
         self._override: dict[str, str] = {}   # what they say of the next member
@@ -68,11 +82,12 @@ class PagesSplitter:
         self._close_aside()
         if self._left or self._pad or self._header or self._held:
             raise SplitError("the archive ended in the middle of a member")
-        return self.pages
+        return list(self.pages)
 
     def _begin(self, block: bytes) -> None:
         if block == bytes(BLOCK):   # end of archive
             self._flush_held()
+            self.end_at = os.lseek(self.fd, 0, os.SEEK_CUR)
             write_all(self.fd, block)
             self._ended = True
             return
@@ -88,13 +103,19 @@ class PagesSplitter:
         else:
             name, size, plain = self._apply_overrides(info)
             match = PAGES.match(name) if plain and info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) else None
-            if match and match.group(1) not in self.pages:
+            if match and (self.whole or match.group(2) is not None or match.group(1) in self.pages):
+                page, start = match.group(1), int(match.group(2) or 0)
+                if (self.pages.get(page, 0) != start or (page in self.pages and match.group(2) is None)
+                        or page in self._kept):
+                    raise SplitError(f"{name} does not continue {page} (it holds {self.pages.get(page, 0)} bytes)")
                 self._held.clear()   # they described this member only
-                self._aside = os.open(os.path.join(self.pages_dir, match.group(1)),
-                                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                self.pages.append(match.group(1))
+                flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if page not in self.pages else 0)
+                self._aside = os.open(os.path.join(self.pages_dir, page), flags, 0o600)
+                self.pages[page] = start + size
                 self._into = "aside"
             else:
+                if match:
+                    self._kept.add(match.group(1))
                 self._flush_held()
                 write_all(self.fd, block)
                 self._into = "archive"
@@ -161,6 +182,28 @@ class PagesSplitter:
         for piece in self._held:
             write_all(self.fd, piece)
         self._held.clear()
+
+
+def join_pages(fd: int, end_at: int, pages_dir: str, names: list[str]) -> None:
+    """Put page files split out of the archive in `fd` back into it, whole, before its end (for a
+    runtime that unpacks everything itself)."""
+    if end_at < 0:
+        raise SplitError("the archive has no end")
+    os.ftruncate(fd, end_at)
+    os.lseek(fd, end_at, os.SEEK_SET)
+    for name in names:
+        with open(os.path.join(pages_dir, name), "rb") as src:
+            info = tarfile.TarInfo(f"checkpoint/{name}")
+            info.size, info.mode = os.fstat(src.fileno()).st_size, 0o600
+            write_all(fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            left = info.size
+            while left:
+                copied = os.copy_file_range(src.fileno(), fd, min(left, 1 << 30))
+                if copied == 0:
+                    raise OSError(f"{src.name} shrank while it was joined")
+                left -= copied
+            write_all(fd, bytes(-info.size % BLOCK))
+    write_all(fd, bytes(2 * BLOCK))
 
 
 def write_all(fd: int, data) -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import AsyncIterator, Callable
 
@@ -27,7 +27,7 @@ import zstandard
 
 from stasis.agent import failpoints
 from stasis.agent.spliced_archive import SplicedReader, logical_size
-from stasis.agent.tar_split import PagesSplitter, SplitError, write_all
+from stasis.agent.tar_split import PagesSplitter, SplitError, join_pages
 from stasis.errors import IntegrityError, NotFound, StasisError, from_rpc_error
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
@@ -153,7 +153,7 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
             outcome.result()   # raises the dump's error
             break
         await asyncio.sleep(POLL)
-    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    digest = blake3.blake3()   # one thread: its helpers would only take cores from CRIU and the stream
     read = {"size": 0, "dump_ended": 0.0}
     ahead: asyncio.Queue = asyncio.Queue(maxsize=AHEAD)
     corrupt = "transfer.corrupt_byte" in failpoints.armed()   # tests: damage in transit
@@ -293,14 +293,15 @@ class Receiver:
 
     async def archive(self, path: str, emit: Callable[[int], None], pages_dir: str = "") -> dict:
         """Write the archive to `path`; returns the verified seal (size, image to ship). With
-        `pages_dir`, CRIU's pages-*.img go there instead (tar_split); the seal covers the stream
-        as it was sent."""
-        digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        `pages_dir`, CRIU's pages-*.img go there instead (tar_split); without, any sent in parts are
+        joined into the archive, whole, once the seal is verified. The seal covers the stream as it was sent."""
+        digest = blake3.blake3()   # one thread, as the sender's
         size = 0
         seal = None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        splitter = PagesSplitter(fd, pages_dir) if pages_dir else None
-        write = splitter.feed if splitter else functools.partial(write_all, fd)
+        joined = "" if pages_dir else tempfile.mkdtemp(prefix="pages-", dir=os.path.dirname(path) or ".")
+        splitter = PagesSplitter(fd, pages_dir or joined, whole=bool(pages_dir))
+        write = splitter.feed
         # The stream is read ahead of the disk by a task of its own, so that the network and the
         # disk work at the same time (HTTP/2's flow control never waits on a write).
         ahead: asyncio.Queue = asyncio.Queue(maxsize=READ_AHEAD)
@@ -333,18 +334,22 @@ class Receiver:
                 size += len(data)
                 await asyncio.to_thread(_hash_write, write, data, digest)   # in order: one write at a time
                 emit(size)
-            if splitter is not None:
-                splitter.close()
+            names = splitter.close()
+            if seal is None:
+                raise IntegrityError(f"the transfer from {self.peer} ended without a seal: incomplete")
+            checked = self._check_seal(seal, size, digest.hexdigest())
+            if names and joined:
+                await asyncio.to_thread(join_pages, fd, splitter.end_at, joined, names)
+            return checked
         except SplitError as e:
             raise IntegrityError(f"the archive from {self.peer} is malformed ({e}); refusing it") from None
         finally:
             puller.cancel()
             await asyncio.gather(puller, return_exceptions=True)
             os.close(fd)
+            if joined:
+                await asyncio.to_thread(shutil.rmtree, joined, True)
             await self.channel.close()
-        if seal is None:
-            raise IntegrityError(f"the transfer from {self.peer} ended without a seal: incomplete")
-        return self._check_seal(seal, size, digest.hexdigest())
 
     def _check_seal(self, raw: bytes, size: int, blake: str) -> dict:
         assert self.manifest is not None
