@@ -80,6 +80,11 @@ class Runtime(abc.ABC):
         """At the agent's start: remove what an agent killed mid-migration left behind."""
         return None
 
+    async def warm_up(self) -> None:
+        """At the agent's start, after sweep(): one-time probes of the engine, which would otherwise
+        run inside the first migration's downtime."""
+        return None
+
     async def pages_landing(self) -> str:
         """A folder where restore() can take CRIU's pages from (pages_dir: a folder made in it), on
         the same mount as the engine's images so that they are linked, not copied; "" if it cannot."""

@@ -193,7 +193,12 @@ class AgentService:
 
     async def warm_up(self) -> None:
         """Open the repository ahead of the first checkpoint or restore: unwrapping its key and
-        loading its index would otherwise count as downtime in the first migration."""
+        loading its index would otherwise count as downtime in the first migration. The runtime's
+        probes likewise."""
+        try:
+            await self.runtime.warm_up()
+        except (StasisError, OSError) as exc:
+            log.warning("cannot probe the container engine yet", runtime=self.runtime.name, error=str(exc))
         if self.repository and self.repository not in self._repos:
             try:
                 repo = await self._open("")
@@ -519,8 +524,9 @@ class AgentService:
                                                pages_port=await relay.start() if relay else 0,
                                                container_id=manifest.container.id, pages_dir=pages_dir)
             timings["restore"] = stats.seconds
-            if relay is not None:   # CRIU's restore is done and the process scheduled: downtime ends
-                emit("running", f"{name} runs; its memory follows from {receiver.peer}", 0, 0)
+            # CRIU's restore is done and the process scheduled: a migration's downtime ends here.
+            emit("running", f"{name} runs; its memory follows from {receiver.peer}" if relay is not None
+                 else f"{name} runs", 0, 0)
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:
                 timings["criu_restore"] = stats.criu["restore_time"] / 1e6

@@ -56,7 +56,7 @@ class Migration:
         self.ignore_volumes = ignore_volumes
         # Restore first, memory follows on demand (lazy pages); downtime stops growing with memory.
         self.post_copy = post_copy
-        self.running_at: float | None = None   # post-copy: when the destination reported it runs
+        self.running_at: float | None = None   # when the destination reported the container runs
         self.freezing_at: float | None = None  # when the source reported its dump beginning
 
     async def run(self, job: "Job") -> None:
@@ -248,9 +248,13 @@ class Migration:
 
     async def _restore(self, job: "Job", ckpt_id: str, peer: AgentClient | None, ticket: bytes,
                        resumed_restore: bool) -> pb.RestoreResult:
+        def progress(p: pb.Progress) -> None:
+            if p.phase == "running" and self.running_at is None:   # restored; its checks follow
+                self.running_at = time.monotonic()
+            job.publish(p)
         try:
             return await self.destination.restore(job.id, ckpt_id, self.service.repository.url, self.container,
-                                                  lambda p: job.publish(p), peer, ticket, self.ignore_volumes)
+                                                  progress, peer, ticket, self.ignore_volumes)
         except AlreadyExists:
             if not resumed_restore:
                 raise
