@@ -83,6 +83,7 @@ def stasis(cluster: Cluster, name: str, *extra: str) -> dict[str, float]:
     assert job["state"] == "succeeded", job["error"]
     assert cluster.hosts["host-b"].verify_memory(name, timeout=300)["verified"] == "ok"
     t = job["timings"]
+    print("  phases: " + " ".join(f"{k}={v:.2f}" for k, v in t.items()), file=sys.stderr, flush=True)
     transfer = (t.get("destination.transfer", 0) + t.get("source.upload", 0) + t.get("destination.download", 0)
                 + t.get("pages", 0))
     return {"dump": t.get("source.dump", 0), "transfer": transfer, "restore": t.get("destination.restore", 0),

@@ -7,6 +7,7 @@ Used by the end-to-end tests, the demo and the benchmarks. Everything started he
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -256,11 +257,15 @@ class Cluster:
         _stop(host.proc)
 
     def wait_hosts_up(self, names: list[str], timeout: float = 30) -> None:
+        """Until each host has checked in since this call began: a restarted controller calls a host
+        "up" on its last check-in before the restart, which its agent may not follow for seconds."""
+        since = int(time.time())   # check-ins are recorded to the second
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.cli("hosts", "--json", check=False)
             if out.returncode == 0:
-                up = {h["name"] for h in json.loads(out.stdout) if h["state"] == "up"}
+                up = {h["name"] for h in json.loads(out.stdout) if h["state"] == "up" and
+                      calendar.timegm(time.strptime(h["last_seen"], "%Y-%m-%dT%H:%M:%SZ")) > since}
                 if set(names) <= up:
                     return
             time.sleep(0.2)
