@@ -20,7 +20,7 @@ import tempfile
 import threading
 
 from stasis.agent import spliced_archive
-from stasis.agent.tar_split import BLOCK, PAGE_FILE, part_name, write_all
+from stasis.agent.tar_split import BLOCK, PAGE_FILE, copy_data, part_name, write_all
 
 # Files podman manages itself in every container (bind mounts, recreated at restore): its own
 # export leaves them out of the root filesystem's changes as well.
@@ -113,13 +113,7 @@ class ArchiveWriter:
             at = os.lseek(self.fd, 0, os.SEEK_CUR)
             spliced_archive.add_reference(self.refs_fd, at, os.path.abspath(src.name), info.size, start)
             return
-        left, offset = info.size, start
-        while left:
-            copied = os.copy_file_range(src.fileno(), self.fd, min(left, 1 << 30), offset)
-            if copied == 0:
-                raise OSError(f"{src.name} shrank while it was archived")
-            left, offset = left - copied, offset + copied
-        write_all(self.fd, bytes(-info.size % BLOCK))
+        copy_data(self.fd, src, start, info.size)
 
     def add_images(self, folder: str, arcname: str = "checkpoint", pages: bool = True) -> None:
         """CRIU's image folder: the folder itself, then its files (regular ones by the kernel);

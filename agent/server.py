@@ -183,9 +183,9 @@ async def serve(service: AgentService, listen: str, controller: str | None, adve
     await server.start()
     address = advertise or listen
     log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid(), tls=transport.secure)
+    service.runtime.sweep()   # before warm_up: its first landing then removes what a killed agent left
     tasks = [asyncio.ensure_future(_register_loop(service, controller, address, transport))] if controller else []
     tasks.append(asyncio.ensure_future(service.warm_up()))
-    service.runtime.sweep()
     try:
         await server.wait_for_termination()
     finally:

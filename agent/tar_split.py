@@ -38,8 +38,8 @@ def part_name(arcname: str, start: int) -> str:
 
 
 class PagesSplitter:
-    """feed() the archive's bytes in order; members named checkpoint/pages-N.img go to
-    `pages_dir`/pages-N.img, everything else (headers included) to the file `fd`, so that it is
+    """feed() the archive's bytes in order; members named checkpoint/pages-N.img (or its parts,
+    joined) go to `pages_dir`/pages-N.img, everything else (headers included) to the file `fd`, so that it is
     again a well-formed archive without them."""
 
     def __init__(self, fd: int, pages_dir: str, whole: bool = True):
@@ -196,14 +196,19 @@ def join_pages(fd: int, end_at: int, pages_dir: str, names: list[str]) -> None:
             info = tarfile.TarInfo(f"checkpoint/{name}")
             info.size, info.mode = os.fstat(src.fileno()).st_size, 0o600
             write_all(fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-            left = info.size
-            while left:
-                copied = os.copy_file_range(src.fileno(), fd, min(left, 1 << 30))
-                if copied == 0:
-                    raise OSError(f"{src.name} shrank while it was joined")
-                left -= copied
-            write_all(fd, bytes(-info.size % BLOCK))
+            copy_data(fd, src, 0, info.size)
     write_all(fd, bytes(2 * BLOCK))
+
+
+def copy_data(fd: int, src, start: int, size: int) -> None:
+    """A member's data, `size` bytes of `src` from `start`, and its padding; copied by the kernel."""
+    left, offset = size, start
+    while left:
+        copied = os.copy_file_range(src.fileno(), fd, min(left, 1 << 30), offset)
+        if copied == 0:
+            raise OSError(f"{src.name} shrank while it was archived")
+        left, offset = left - copied, offset + copied
+    write_all(fd, bytes(-size % BLOCK))
 
 
 def write_all(fd: int, data) -> None:
