@@ -23,12 +23,13 @@ import shutil
 import tarfile
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import docker
 import docker.errors
 import structlog
 
+from stasis.agent import freeze
 from stasis.agent.podman import check_name
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
 from stasis.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, IntegrityError, NotFound,
@@ -151,6 +152,17 @@ class DockerRuntime(Runtime):
             for piece in self._api().get_image(ref):
                 f.write(piece)
 
+    async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str, ignore_volumes: bool = False,
+                                      freezing: Callable[[], None] = lambda: None) -> DumpStats:
+        # Downtime counts from CRIU's freeze, not from the API call: containerd and runc prepare first.
+        c = await self._call(self._api().inspect_container, check_name(name))
+        dump = asyncio.ensure_future(self.checkpoint(name, archive, False, ignore_volumes))
+        try:
+            await freeze.until_seized(int((c.get("State") or {}).get("Pid") or 0), dump.done)
+        finally:
+            freezing()
+        return await dump
+
     async def _drop_old_checkpoints(self, cid: str) -> None:
         api = self._api()
         try:
@@ -167,7 +179,7 @@ class DockerRuntime(Runtime):
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
                       ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
-                      pages_dir: str = "") -> RestoreStats:
+                      pages_dir: str = "", restored: Callable[[], None] = lambda: None) -> RestoreStats:
         api = self._api()
         check_name(name)
         stage = archive + ".d"

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from stasis.agent import podman_archive
+from stasis.agent import freeze, podman_archive
 from stasis.agent.process import run, tail
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
 from stasis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimeFailure
@@ -25,7 +25,7 @@ log = structlog.get_logger("stasis.agent")
 # Post-copy requests for the runc wrapper (scripts/runc-postcopy.sh reads the same folder).
 LAZY_REQUESTS = "/run/stasis/lazy"
 WRAPPER = "/usr/local/lib/stasis/runc"     # scripts/runc-postcopy.sh, installed by provisioning
-WRAPPER_VERSION = "stasis-runc-wrapper: 3"   # the wrapper's line: pages aside, ID.started
+WRAPPER_VERSION = "stasis-runc-wrapper: 4"   # the wrapper's line: pages aside, ID.started, ID.mark
 PAGES_ASIDE = "stasis-pages"   # where it moves them, beside CRIU's image folder
 STREAMED = "streamed"          # in it: the agent's links to the page files it sends during the dump
 
@@ -99,20 +99,45 @@ class PodmanRuntime(Runtime):
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
                       ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
-                      pages_dir: str = "") -> RestoreStats:
+                      pages_dir: str = "", restored: Callable[[], None] = lambda: None) -> RestoreStats:
         check_name(name)
-        if (pages_port or pages_dir) and (renamed or not re.match(r"^[0-9a-f]{64}$", container_id)):
+        same_id = not renamed and re.match(r"^[0-9a-f]{64}$", container_id) is not None
+        if (pages_port or pages_dir) and not same_id:
             raise InvalidArgument("a restore with pages from elsewhere keeps the container's name and id")
         if pages_port:
             self._clear_requests(container_id, "lazy.log", "daemon")
             self._ask(container_id, "restore", pages_port)
         if pages_dir:
             self._ask(container_id, "pages", os.path.abspath(pages_dir))
+        marked = same_id and await self._wrapped()
+        if marked:   # the wrapper says when runc has returned, before podman's bookkeeping
+            self._clear_requests(container_id, "restored")
+            self._ask(container_id, "mark", 0)
+        restore = asyncio.ensure_future(self._restore(archive, name, renamed, ignore_volumes))
         try:
-            return await self._restore(archive, name, renamed, ignore_volumes)
+            ran = await self._runc_restored(container_id, restore, restored) if marked else None
+            stats = await restore
+            if ran is not None:   # podman's own work after runc's: not downtime
+                stats.phases["bookkeeping"] = time.monotonic() - ran
+            return stats
         finally:
-            if pages_port or pages_dir:
-                self._clear_requests(container_id, "restore", "pages")
+            if not restore.done():   # cancelled: so is podman's restore, as before
+                restore.cancel()
+                await asyncio.gather(restore, return_exceptions=True)
+            if same_id:
+                self._clear_requests(container_id, "restore", "pages", "mark", "restored")
+
+    async def _runc_restored(self, cid: str, restore: asyncio.Future, restored: Callable[[], None]) -> float | None:
+        """Call restored() as soon as the wrapper reports runc's restore succeeded; when it did."""
+        marker = self._request(cid, "restored")
+        while not restore.done():
+            if os.path.exists(marker):
+                if _read(marker) != "0":
+                    return None
+                restored()
+                return time.monotonic()
+            await asyncio.sleep(0.002)
+        return None
 
     def sweep(self, older_than: float = 600.0) -> None:
         """Requests older than the wrapper would honour, and the pages of restores that never ended
@@ -217,8 +242,9 @@ class PodmanRuntime(Runtime):
                                                 os.path.join(aside, STREAMED))
         stop = threading.Event()
         following = images = None
+        prepare = 0.0
         try:
-            await self._runc_started(cid, dump, freezing)
+            prepare = await self._runc_started(cid, _pid(c), dump, freezing)
             following = asyncio.ensure_future(asyncio.to_thread(follower.follow, stop))
             while not dump.done() and not os.path.exists(dumped):
                 await asyncio.sleep(0.005)
@@ -251,15 +277,21 @@ class PodmanRuntime(Runtime):
             freezing()   # once only: if runc never started, the dump failed
         criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
         return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
-                         {"runtime": runtime, "archive": time.monotonic() - started - runtime})
+                         {"runtime": runtime, "archive": time.monotonic() - started - runtime, "prepare": prepare})
 
-    async def _runc_started(self, cid: str, dump: asyncio.Future, freezing: Callable[[], None]) -> None:
-        """Call freezing() when the wrapper starts runc for the dump (podman prepares ~50 ms before,
-        while the container runs); polled finely, as a late look would shorten the downtime counted."""
+    async def _runc_started(self, cid: str, pid: int, dump: asyncio.Future,
+                            freezing: Callable[[], None]) -> float:
+        """Call freezing() when CRIU freezes the container: after the wrapper has started runc (podman
+        prepares ~50 ms before), once CRIU has seized the container's first process (runc and CRIU
+        prepare ~45 ms more, while the container still runs). Polled finely, as a late look would
+        shorten the downtime counted. Returns the seconds from runc's start to the freeze."""
         started = self._request(cid, "started")
         while not dump.done() and not os.path.exists(started):
             await asyncio.sleep(0.001)
+        runc = time.monotonic()
+        await freeze.until_seized(pid, dump.done)
         freezing()
+        return time.monotonic() - runc
 
     @staticmethod
     def _archive_images(writer: podman_archive.ArchiveWriter, follower: podman_archive.PagesFollower,
@@ -324,9 +356,9 @@ class PodmanRuntime(Runtime):
                 *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
         started = time.monotonic()
         dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
-        frozen = 0.0
+        frozen = prepare = 0.0
         try:
-            await self._runc_started(cid, dump, freezing)
+            prepare = await self._runc_started(cid, _pid(c), dump, freezing)
             started = time.monotonic()   # what "frozen" counts from, as the downtime does
             ready = self._request(cid, "ready")
             while not dump.done() and not (os.path.exists(ready) and os.path.getsize(ready) > 0):
@@ -349,7 +381,7 @@ class PodmanRuntime(Runtime):
             raise RuntimeFailure(f"CRIU could not checkpoint {name} with post-copy: {_criu_tail(out.stderr)}")
         criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
         criu.pop("frozen_time", None)   # a lazy dump's figure counts the whole copy, not the downtime
-        return DumpStats(frozen, criu, {"pages": time.monotonic() - started - frozen})
+        return DumpStats(frozen, criu, {"pages": time.monotonic() - started - frozen, "prepare": prepare})
 
     async def abort_post_copy(self, container_id: str) -> bool:
         # SIGTERM to the CRIU that runc started for this dump: it resumes the container (verified
@@ -487,6 +519,14 @@ def _empty_folder(folder: str) -> None:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+
+
+def _pid(c: dict) -> int:
+    """The host pid of an inspected container's first process (0 if it has none)."""
+    try:
+        return int((c.get("State") or {}).get("Pid") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _read(path: str) -> str:

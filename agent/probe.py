@@ -18,6 +18,34 @@ CRIU_FEATURES = ("mem_dirty_track", "uffd", "uffd-noncoop", "tcp_half_closed", "
                  "network_lock_nftables")
 
 
+# Our CRIU build keeps its kernel-probe cache here (scripts/provision.sh: RUNDIR). CRIU writes the
+# cache only on a tmpfs; without it every CRIU run probes the kernel again (~40 ms here).
+CRIU_RUNDIR = "/run/stasis/criu"
+
+
+def fs_type(path: str) -> str:
+    """The type of the filesystem `path` is on (its longest mount point in /proc/self/mounts)."""
+    path, best, kind = os.path.realpath(path), "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mount = fields[1].replace("\\040", " ")
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+def criu_cache(folder: str = CRIU_RUNDIR) -> str:
+    """Make CRIU's cache folder again if a reboot removed it (root only); "" if CRIU can cache its
+    kernel probes there, else why not."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    kind = fs_type(folder)
+    if kind != "tmpfs":
+        return (f"{folder} is on {kind or 'an unknown filesystem'}, not a tmpfs: CRIU probes the kernel again in "
+                f"every dump and restore (~40 ms of downtime each); run 'make provision' to mount one")
+    return ""
+
+
 async def criu_version(criu: str = "criu") -> str:
     if not shutil.which(criu):
         return ""

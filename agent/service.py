@@ -21,7 +21,7 @@ import structlog
 from stasis.agent import failpoints, pages, transfer
 from stasis.agent.pages import free_loopback_port
 from stasis.agent.podman import check_name
-from stasis.agent.probe import cpuinfo_check, cpuinfo_dump, criu_version, probe
+from stasis.agent.probe import CRIU_RUNDIR, cpuinfo_check, cpuinfo_dump, criu_cache, criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
 from stasis.agent.transfer import Spool
 from stasis.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
@@ -194,7 +194,13 @@ class AgentService:
     async def warm_up(self) -> None:
         """Open the repository ahead of the first checkpoint or restore: unwrapping its key and
         loading its index would otherwise count as downtime in the first migration. The runtime's
-        probes likewise."""
+        probes likewise, and CRIU's."""
+        try:
+            why = await asyncio.to_thread(criu_cache)
+            if why:
+                log.warning("CRIU cannot cache its kernel probes", reason=why)
+        except OSError as exc:
+            log.warning("CRIU cannot cache its kernel probes", folder=CRIU_RUNDIR, error=str(exc))
         try:
             await self.runtime.warm_up()
         except (StasisError, OSError) as exc:
@@ -519,14 +525,20 @@ class AgentService:
             emit("restore", f"restoring {name} with CRIU", 0, 0)
             if receiver is not None and receiver.post_copy:
                 relay = await self._relay_from(receiver, manifest, name)
+            ran: list[bool] = []
+
+            def restored() -> None:   # CRIU's restore is done and the process scheduled: downtime ends
+                if not ran:
+                    ran.append(True)
+                    emit("running", f"{name} runs; its memory follows from {receiver.peer}" if relay is not None
+                         else f"{name} runs", 0, 0)
             stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
                                                ignore_volumes=ignore_volumes,
                                                pages_port=await relay.start() if relay else 0,
-                                               container_id=manifest.container.id, pages_dir=pages_dir)
+                                               container_id=manifest.container.id, pages_dir=pages_dir,
+                                               restored=restored)
             timings["restore"] = stats.seconds
-            # CRIU's restore is done and the process scheduled: a migration's downtime ends here.
-            emit("running", f"{name} runs; its memory follows from {receiver.peer}" if relay is not None
-                 else f"{name} runs", 0, 0)
+            restored()   # the runtime may not tell sooner
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
             if "restore_time" in stats.criu:
                 timings["criu_restore"] = stats.criu["restore_time"] / 1e6

@@ -15,8 +15,10 @@ MiB of memory, half of it compressible), the image already on both hosts:
   relay). Its "transfer" column is the copy of memory after the container already runs ("pages"),
   which is not downtime.
 
-Downtime runs from the freeze on the source to the container running on the destination (for
-stasis, from the moment runc starts the dump). Every row starts after a sync, with no dirty data
+Downtime runs, in every row alike, from the moment CRIU freezes the container (its first process
+turns traced: stasis.agent.freeze) to the moment runc's restore returns, CRIU done and the processes
+running (the runc wrapper's ID.restored marker). podman's work before the freeze and after runc are
+not downtime, for podman's rows as for stasis's. Every row starts after a sync, with no dirty data
 left by the row before. Figures are medians over the rounds; these machines are shared and noisy,
 so read the ratios.
 
@@ -26,22 +28,70 @@ so read the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 
+from stasis.agent import freeze
+from stasis.agent.podman import LAZY_REQUESTS
 from stasis.testbed.cluster import Cluster
 from stasis.testbed.images import WORKLOAD_IMAGE
 from stasis.testbed.seaweed import SeaweedFS
 
 COLUMNS = ["dump", "transfer", "restore", "downtime"]
+
+
+class Moment(threading.Thread):
+    """The first moment `happened()` holds, polled every millisecond (as the agent polls)."""
+
+    def __init__(self, happened, leftover: str = ""):
+        super().__init__(daemon=True)
+        self.happened, self.leftover, self.at, self.stopped = happened, leftover, None, False
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopped and self.at is None:
+            if self.happened():
+                self.at = time.monotonic()
+            time.sleep(0.001)
+
+    def when(self) -> float:
+        self.stopped = True
+        self.join()
+        with contextlib.suppress(FileNotFoundError):
+            if self.leftover:
+                os.unlink(self.leftover)
+        if self.at is None:
+            raise RuntimeError("the moment was never seen: is the stasis runc wrapper (version 4) installed?")
+        return self.at
+
+
+def frozen(host, name: str) -> Moment:
+    """When CRIU seizes the container's first process."""
+    pid = json.loads(host.podman("inspect", "--format", "json", name).stdout)[0]["State"]["Pid"]
+    return Moment(lambda: freeze.tracer(pid) != 0)
+
+
+def restored(cid: str) -> Moment:
+    """When runc's restore of container `cid` returns (asks the wrapper to mark it)."""
+    marker = os.path.join(LAZY_REQUESTS, f"{cid}.restored")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker)
+    os.makedirs(LAZY_REQUESTS, mode=0o700, exist_ok=True)
+    with open(os.path.join(LAZY_REQUESTS, f"{cid}.mark"), "w") as f:
+        f.write("0\n")
+    return Moment(lambda: os.path.exists(marker), leftover=marker)
+
+
 BASELINE, FLOOR = "podman export + S3 + import", "local floor (podman, one host)"
 DIRECT, REPO, POST = "stasis direct", "stasis via repository", "stasis post-copy"
 SHORT = {BASELINE: "baseline", FLOOR: "floor", DIRECT: "direct", REPO: "repo", POST: "post-copy"}
@@ -53,14 +103,16 @@ def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict
                       region_name="us-east-1")
     cfg = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=8)
     src, dst = os.path.join(base, f"{name}-src.tar"), os.path.join(base, f"{name}-dst.tar")
-    t0 = time.monotonic()
+    cid = json.loads(a.podman("inspect", "--format", "json", name).stdout)[0]["Id"]
+    freezing = frozen(a, name)
     a.podman("container", "checkpoint", name, "--export", src, "--compress", "none", timeout=1800)
-    t1 = time.monotonic()
+    t0, t1 = freezing.when(), time.monotonic()
     s3.upload_file(src, "bench-baseline", f"{name}.tar", Config=cfg)
     s3.download_file("bench-baseline", f"{name}.tar", dst, Config=cfg)
     t2 = time.monotonic()
-    b.podman("container", "restore", "--import", dst, "--name", name, timeout=1800)
-    t3 = time.monotonic()
+    running = restored(cid)
+    b.podman("container", "restore", "--import", dst, timeout=1800)   # no --name: it keeps its id
+    t3 = running.when()
     assert b.verify_memory(name, timeout=300)["verified"] == "ok"
     for path in (src, dst):
         os.unlink(path)
@@ -69,11 +121,13 @@ def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict
 
 def floor(cluster: Cluster, name: str) -> dict[str, float]:
     a = cluster.hosts["host-a"]
-    t0 = time.monotonic()
+    cid = json.loads(a.podman("inspect", "--format", "json", name).stdout)[0]["Id"]
+    freezing = frozen(a, name)
     a.podman("container", "checkpoint", name, timeout=1800)
-    t1 = time.monotonic()
+    t0, t1 = freezing.when(), time.monotonic()
+    running = restored(cid)
     a.podman("container", "restore", name, timeout=1800)
-    t2 = time.monotonic()
+    t2 = running.when()
     assert a.verify_memory(name, timeout=300)["verified"] == "ok"
     return {"dump": t1 - t0, "transfer": 0.0, "restore": t2 - t1, "downtime": t2 - t0}
 

@@ -47,8 +47,13 @@ fi
 # are applied on top; the build is redone whenever they change.
 #   0001: Linux 6.16 removed SO_PASSCRED/SO_PASSSEC from inet sockets; unpatched 4.1.1 cannot dump
 #         any process with a TCP or UDP socket on this kernel (CRIU issues #2705/#2718).
+# CRIU caches its kernel probes (~40 ms in every dump, restore and lazy-pages daemon, downtime on the
+# restoring side) in a file it keeps only on a tmpfs, so that a reboot drops it. Its default folder,
+# /run, is not a tmpfs on every host (it is not on these machines), so ours is a root-only folder of
+# our own, made a tmpfs below when it is not one; the agent recreates the folder after a reboot.
+CRIU_RUNDIR=/run/stasis/criu
 CRIU_PATCHES=("$ROOT"/scripts/criu/*.patch)
-CRIU_BUILD_ID="$CRIU_VERSION+$(cat "${CRIU_PATCHES[@]}" | sha256sum | cut -c1-16)"
+CRIU_BUILD_ID="$CRIU_VERSION+$(cat "${CRIU_PATCHES[@]}" | sha256sum | cut -c1-16)+rundir=$CRIU_RUNDIR"
 CRIU_STAMP=/usr/local/share/stasis/criu-build
 if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION" || \
         [ "$(cat "$CRIU_STAMP" 2>/dev/null)" != "$CRIU_BUILD_ID" ]; then
@@ -71,7 +76,7 @@ if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION" || \
     for p in "${CRIU_PATCHES[@]}"; do
         patch -s -p1 -d "$work/criu-$CRIU_VERSION" < "$p" || die "CRIU patch $(basename "$p") does not apply"
     done
-    (cd "$work"/criu-"$CRIU_VERSION" && make -j"$(nproc)" criu >"$work/build.log" 2>&1) || \
+    (cd "$work"/criu-"$CRIU_VERSION" && make -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" >"$work/build.log" 2>&1) || \
         { tail -20 "$work/build.log" >&2; die "CRIU build failed"; }
     install -m 0755 "$work/criu-$CRIU_VERSION/criu/criu" "$CRIU_BIN"
     # Keep CRIU's image definitions for the forensic decoders (MIT-licensed .proto files).
@@ -80,6 +85,8 @@ if ! "$CRIU_BIN" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION" || \
     echo "$CRIU_BUILD_ID" > "$CRIU_STAMP"
     rm -rf "$work"
 fi
+mkdir -p -m 0700 "$CRIU_RUNDIR"   # CRIU's kernel-probe cache (see CRIU_RUNDIR above)
+[ "$(stat -f -c %T "$CRIU_RUNDIR")" = tmpfs ] || mount -t tmpfs -o size=1m,mode=0700 stasis-criu "$CRIU_RUNDIR"
 # runc hands /etc/criu/runc.conf to CRIU: add our action script (loopback up before TCP sockets are
 # restored; see scripts/criu/lo-up.sh), keeping whatever else the file says.
 install -D -m 0755 "$ROOT/scripts/criu/lo-up.sh" /usr/local/lib/stasis/criu-lo-up

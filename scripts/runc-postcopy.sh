@@ -1,6 +1,6 @@
 #!/bin/bash
 # stasis: podman's runc, with post-copy (lazy pages) and pages set aside for the containers the agent asks.
-# stasis-runc-wrapper: 3   (the agent checks this line before it asks for pages aside or placed)
+# stasis-runc-wrapper: 4   (the agent checks this line before it asks for pages aside or placed)
 #
 # podman 4.3 has no lazy-pages options, so provisioning names this script as podman's "runc"
 # (containers.conf [engine.runtimes]). For every other call it is runc itself (exec, same pid).
@@ -22,6 +22,8 @@
 #   REQ/ID.restore  PORT   restore: start CRIU's lazy-pages daemon, fetching from 127.0.0.1:PORT
 #                          (the agent's authenticated relay to the source), then restore lazily;
 #                          REQ/ID.daemon names the daemon's pid, REQ/ID.lazy.log is its log.
+#   REQ/ID.mark     0      restore: once runc has returned (CRIU's restore is done, the processes
+#                          run), write its exit status to REQ/ID.restored: where downtime ends.
 REAL=@RUNC@
 REQ=/run/stasis/lazy
 
@@ -65,7 +67,7 @@ for i in "${!args[@]}"; do
             "${args[@]:i+1}"
         ;;
     restore)
-        img="" work=""
+        img="" work="" lazy=()
         for j in "${!args[@]}"; do
             case ${args[$j]} in
             --image-path) img=${args[j+1]} ;;
@@ -85,21 +87,30 @@ for i in "${!args[@]}"; do
                     { echo "stasis runc: could not place $page for CRIU" >&2; exit 1; }
             done
         fi
-        fresh "$REQ/$id.restore" || break
-        read -r port < "$REQ/$id.restore"
-        rm -f "$REQ/$id.restore"
-        [[ $port =~ ^[0-9]{1,5}$ ]] || { echo "stasis runc: bad post-copy request for $id" >&2; exit 1; }
-        [ -d "$img" ] && [ -d "$work" ] || { echo "stasis runc: restore without image and work paths" >&2; exit 1; }
-        # The daemon and the restore meet at WORK/lazy-pages.socket.
-        setsid criu lazy-pages --page-server --address 127.0.0.1 --port "$port" -D "$img" -W "$work" \
-            -o "$REQ/$id.lazy.log" </dev/null >/dev/null 2>&1 &
-        echo $! > "$REQ/$id.daemon"
-        for _ in $(seq 1 500); do
-            [ -S "$work/lazy-pages.socket" ] && break
-            kill -0 $! 2>/dev/null || { echo "stasis runc: CRIU's lazy-pages daemon failed (see $REQ/$id.lazy.log)" >&2; exit 1; }
-            sleep 0.01
-        done
-        exec "$REAL" "${args[@]:0:i+1}" --lazy-pages "${args[@]:i+1}"
+        if fresh "$REQ/$id.restore"; then
+            read -r port < "$REQ/$id.restore"
+            rm -f "$REQ/$id.restore"
+            [[ $port =~ ^[0-9]{1,5}$ ]] || { echo "stasis runc: bad post-copy request for $id" >&2; exit 1; }
+            [ -d "$img" ] && [ -d "$work" ] || { echo "stasis runc: restore without image and work paths" >&2; exit 1; }
+            # The daemon and the restore meet at WORK/lazy-pages.socket.
+            setsid criu lazy-pages --page-server --address 127.0.0.1 --port "$port" -D "$img" -W "$work" \
+                -o "$REQ/$id.lazy.log" </dev/null >/dev/null 2>&1 &
+            echo $! > "$REQ/$id.daemon"
+            for _ in $(seq 1 500); do
+                [ -S "$work/lazy-pages.socket" ] && break
+                kill -0 $! 2>/dev/null || { echo "stasis runc: CRIU's lazy-pages daemon failed (see $REQ/$id.lazy.log)" >&2; exit 1; }
+                sleep 0.01
+            done
+            lazy=(--lazy-pages)
+        fi
+        fresh "$REQ/$id.mark" || exec "$REAL" "${args[@]:0:i+1}" "${lazy[@]}" "${args[@]:i+1}"
+        rm -f "$REQ/$id.mark"
+        # runc returns once CRIU's restore is done and the processes run again: downtime ends here,
+        # before podman's own bookkeeping (~30 ms).
+        "$REAL" "${args[@]:0:i+1}" "${lazy[@]}" "${args[@]:i+1}"
+        rc=$?
+        echo "$rc" > "$REQ/$id.restored.tmp" && mv "$REQ/$id.restored.tmp" "$REQ/$id.restored"
+        exit "$rc"
         ;;
     esac
 done

@@ -56,6 +56,10 @@ def test_migrate_moves_memory_and_open_file_in_new_directory(cluster):
         assert phase in job["timings"], phase
     assert 0 < job["downtime_seconds"] < job["timings"]["checkpoint"] + job["timings"]["restore"] + 1
     assert job["result"]["host"] == "host-b"
+    # Downtime ran from CRIU's freeze, seen after runc had started, to runc's restore returning,
+    # seen before podman's own restore had.
+    assert 0 < job["timings"]["source.dump.prepare"] < 10
+    assert 0 < job["timings"]["destination.restore.bookkeeping"] < job["timings"]["destination.restore"]
 
     # The source is gone, the destination runs with the same memory.
     assert web not in [c["Names"][0] for c in a.containers()]
@@ -616,6 +620,8 @@ def test_post_copy_migration_runs_before_memory_arrives_and_keeps_it_intact(clus
     # The container ran on host-b before its memory had all arrived: downtime ended then.
     assert "pages" in job["timings"] and "destination.pages" in job["timings"]
     assert 0 < job["downtime_seconds"] < job["timings"]["checkpoint"] + 0.5
+    assert 0 < job["timings"]["source.dump.prepare"] < 10
+    assert 0 < job["timings"]["destination.restore.bookkeeping"] < job["timings"]["destination.restore"]
     assert web not in [c["Names"][0] for c in a.containers()]
     # Every page arrived, through the agents' relay: the memory checks out word by word.
     after = b.verify_memory(web)
