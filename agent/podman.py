@@ -110,8 +110,8 @@ class PodmanRuntime(Runtime):
         if pages_dir:
             self._ask(container_id, "pages", os.path.abspath(pages_dir))
         marked = same_id and await self._wrapped()
-        if marked:   # the wrapper says when runc has returned, before podman's bookkeeping
-            self._clear_requests(container_id, "restored")
+        if marked:   # CRIU's action script says when the processes resume, the wrapper how runc ended
+            self._clear_requests(container_id, "resumed", "restored")
             self._ask(container_id, "mark", 0)
         restore = asyncio.ensure_future(self._restore(archive, name, renamed, ignore_volumes))
         try:
@@ -125,14 +125,15 @@ class PodmanRuntime(Runtime):
                 restore.cancel()
                 await asyncio.gather(restore, return_exceptions=True)
             if same_id:
-                self._clear_requests(container_id, "restore", "pages", "mark", "restored")
+                self._clear_requests(container_id, "restore", "pages", "mark", "resumed", "restored")
 
     async def _runc_restored(self, cid: str, restore: asyncio.Future, restored: Callable[[], None]) -> float | None:
-        """Call restored() as soon as the wrapper reports runc's restore succeeded; when it did."""
-        marker = self._request(cid, "restored")
+        """Call restored() as soon as CRIU has resumed the processes (its action script's marker) or
+        runc's restore has succeeded (the wrapper's), whichever shows first; when it did."""
+        resumed, runc = self._request(cid, "resumed"), self._request(cid, "restored")
         while not restore.done():
-            if os.path.exists(marker):
-                if _read(marker) != "0":
+            if os.path.exists(resumed) or os.path.exists(runc):
+                if not os.path.exists(resumed) and _read(runc) != "0":
                     return None
                 restored()
                 return time.monotonic()

@@ -16,11 +16,11 @@ MiB of memory, half of it compressible), the image already on both hosts:
   which is not downtime.
 
 Downtime runs, in every row alike, from the moment CRIU freezes the container (its first process
-turns traced: stasis.agent.freeze) to the moment runc's restore returns, CRIU done and the processes
-running (the runc wrapper's ID.restored marker). podman's work before the freeze and after runc are
-not downtime, for podman's rows as for stasis's. Every row starts after a sync, with no dirty data
-left by the row before. Figures are medians over the rounds; these machines are shared and noisy,
-so read the ratios.
+turns traced: stasis.agent.freeze) to the moment CRIU's restore resumes the processes (the marker
+CRIU's action script leaves, scripts/criu/actions.sh). podman's and runc's work before the freeze
+and after the resume are not downtime, for podman's rows as for stasis's. Every row starts after a
+sync, with no dirty data left by the row before. Figures are medians over the rounds; these
+machines are shared and noisy, so read the ratios.
 
     python bench/migrate_vs_podman.py [--mib 64 1024 4096] [--rounds 3]
 """
@@ -53,7 +53,7 @@ COLUMNS = ["dump", "transfer", "restore", "downtime"]
 class Moment(threading.Thread):
     """The first moment `happened()` holds, polled every millisecond (as the agent polls)."""
 
-    def __init__(self, happened, leftover: str = ""):
+    def __init__(self, happened, *leftover: str):
         super().__init__(daemon=True)
         self.happened, self.leftover, self.at, self.stopped = happened, leftover, None, False
         self.start()
@@ -67,9 +67,9 @@ class Moment(threading.Thread):
     def when(self) -> float:
         self.stopped = True
         self.join()
-        with contextlib.suppress(FileNotFoundError):
-            if self.leftover:
-                os.unlink(self.leftover)
+        for leftover in self.leftover:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
         if self.at is None:
             raise RuntimeError("the moment was never seen: is the stasis runc wrapper (version 4) installed?")
         return self.at
@@ -82,14 +82,16 @@ def frozen(host, name: str) -> Moment:
 
 
 def restored(cid: str) -> Moment:
-    """When runc's restore of container `cid` returns (asks the wrapper to mark it)."""
-    marker = os.path.join(LAZY_REQUESTS, f"{cid}.restored")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(marker)
+    """When CRIU resumes container `cid`'s processes (asks for the marker the agent uses)."""
+    marker = os.path.join(LAZY_REQUESTS, f"{cid}.resumed")
+    for leftover in (marker, os.path.join(LAZY_REQUESTS, f"{cid}.restored")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
     os.makedirs(LAZY_REQUESTS, mode=0o700, exist_ok=True)
     with open(os.path.join(LAZY_REQUESTS, f"{cid}.mark"), "w") as f:
         f.write("0\n")
-    return Moment(lambda: os.path.exists(marker), leftover=marker)
+    return Moment(lambda: os.path.exists(marker), *(os.path.join(LAZY_REQUESTS, f"{cid}.{kind}")
+                                                    for kind in ("mark", "resumed", "restored")))
 
 
 BASELINE, FLOOR = "podman export + S3 + import", "local floor (podman, one host)"

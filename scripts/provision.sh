@@ -88,11 +88,16 @@ fi
 mkdir -p -m 0700 "$CRIU_RUNDIR"   # CRIU's kernel-probe cache (see CRIU_RUNDIR above)
 [ "$(stat -f -c %T "$CRIU_RUNDIR")" = tmpfs ] || mount -t tmpfs -o size=1m,mode=0700 stasis-criu "$CRIU_RUNDIR"
 # runc hands /etc/criu/runc.conf to CRIU: add our action script (loopback up before TCP sockets are
-# restored; see scripts/criu/lo-up.sh), keeping whatever else the file says.
-install -D -m 0755 "$ROOT/scripts/criu/lo-up.sh" /usr/local/lib/stasis/criu-lo-up
+# restored; the moment restored processes resume, for the agent: scripts/criu/actions.sh), keeping
+# whatever else the file says. It replaces the loopback-only script of earlier versions.
+install -D -m 0755 "$ROOT/scripts/criu/actions.sh" /usr/local/lib/stasis/criu-actions
+rm -f /usr/local/lib/stasis/criu-lo-up
 mkdir -p /etc/criu
-grep -qs '^action-script /usr/local/lib/stasis/criu-lo-up$' /etc/criu/runc.conf || \
-    printf '# stasis: bring lo up in restored network namespaces\naction-script /usr/local/lib/stasis/criu-lo-up\n' \
+touch /etc/criu/runc.conf
+sed -i '/^# stasis: bring lo up in restored network namespaces$/d; /^action-script \/usr\/local\/lib\/stasis\/criu-lo-up$/d' \
+    /etc/criu/runc.conf
+grep -qs '^action-script /usr/local/lib/stasis/criu-actions$' /etc/criu/runc.conf || \
+    printf '# stasis: lo up in restored network namespaces; tell the agent when processes resume\naction-script /usr/local/lib/stasis/criu-actions\n' \
         >> /etc/criu/runc.conf
 # Post-copy: CRIU's page servers started through runc listen on loopback only (the agents relay
 # the pages over mutual TLS), and lazy restore needs pipes of 4 MiB ("page-pipe: splice: Bad file

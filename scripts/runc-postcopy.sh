@@ -22,8 +22,9 @@
 #   REQ/ID.restore  PORT   restore: start CRIU's lazy-pages daemon, fetching from 127.0.0.1:PORT
 #                          (the agent's authenticated relay to the source), then restore lazily;
 #                          REQ/ID.daemon names the daemon's pid, REQ/ID.lazy.log is its log.
-#   REQ/ID.mark     0      restore: once runc has returned (CRIU's restore is done, the processes
-#                          run), write its exit status to REQ/ID.restored: where downtime ends.
+#   REQ/ID.mark     0      restore: once runc has returned, write its exit status to REQ/ID.restored.
+#                          CRIU's action script (scripts/criu/actions.sh) creates REQ/ID.resumed the
+#                          moment the processes resume: where downtime ends.
 REAL=@RUNC@
 REQ=/run/stasis/lazy
 
@@ -104,9 +105,8 @@ for i in "${!args[@]}"; do
             lazy=(--lazy-pages)
         fi
         fresh "$REQ/$id.mark" || exec "$REAL" "${args[@]:0:i+1}" "${lazy[@]}" "${args[@]:i+1}"
-        rm -f "$REQ/$id.mark"
-        # runc returns once CRIU's restore is done and the processes run again: downtime ends here,
-        # before podman's own bookkeeping (~30 ms).
+        # CRIU's action script marks the moment the processes resume (REQ/ID.resumed), while the
+        # request stands (the agent removes it); this marks runc's return, and says how it went.
         "$REAL" "${args[@]:0:i+1}" "${lazy[@]}" "${args[@]:i+1}"
         rc=$?
         echo "$rc" > "$REQ/$id.restored.tmp" && mv "$REQ/$id.restored.tmp" "$REQ/$id.restored"
