@@ -158,7 +158,7 @@ class DockerRuntime(Runtime):
         c = await self._call(self._api().inspect_container, check_name(name))
         dump = asyncio.ensure_future(self.checkpoint(name, archive, False, ignore_volumes))
         try:
-            await freeze.until_seized(int((c.get("State") or {}).get("Pid") or 0), dump.done)
+            await freeze.until_seized(freeze.container_pid(c), dump.done)
         finally:
             freezing()
         return await dump

@@ -16,6 +16,15 @@ from typing import Callable
 POLL = 0.001   # the error of the moment found; a read of /proc/PID/status costs ~20 µs
 
 
+def container_pid(inspected: dict) -> int:
+    """The host pid of a container's first process from the engine's inspect document (podman's and
+    docker's alike: State.Pid), 0 if it has none."""
+    try:
+        return int((inspected.get("State") or {}).get("Pid") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def tracer(pid: int) -> int | None:
     """The pid tracing `pid` (0: none), or None if `pid` is gone."""
     try:

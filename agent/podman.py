@@ -115,7 +115,7 @@ class PodmanRuntime(Runtime):
             self._ask(container_id, "mark", 0)
         restore = asyncio.ensure_future(self._restore(archive, name, renamed, ignore_volumes))
         try:
-            ran = await self._runc_restored(container_id, restore, restored) if marked else None
+            ran = await self._until_resumed(container_id, restore, restored) if marked else None
             stats = await restore
             if ran is not None:   # podman's own work after runc's: not downtime
                 stats.phases["bookkeeping"] = time.monotonic() - ran
@@ -127,7 +127,7 @@ class PodmanRuntime(Runtime):
             if same_id:
                 self._clear_requests(container_id, "restore", "pages", "mark", "resumed", "restored")
 
-    async def _runc_restored(self, cid: str, restore: asyncio.Future, restored: Callable[[], None]) -> float | None:
+    async def _until_resumed(self, cid: str, restore: asyncio.Future, restored: Callable[[], None]) -> float | None:
         """Call restored() as soon as CRIU has resumed the processes (its action script's marker) or
         runc's restore has succeeded (the wrapper's), whichever shows first; when it did."""
         resumed, runc = self._request(cid, "resumed"), self._request(cid, "restored")
@@ -245,7 +245,7 @@ class PodmanRuntime(Runtime):
         following = images = None
         prepare = 0.0
         try:
-            prepare = await self._runc_started(cid, _pid(c), dump, freezing)
+            prepare = await self._until_frozen(cid, freeze.container_pid(c), dump, freezing)
             following = asyncio.ensure_future(asyncio.to_thread(follower.follow, stop))
             while not dump.done() and not os.path.exists(dumped):
                 await asyncio.sleep(0.005)
@@ -280,7 +280,7 @@ class PodmanRuntime(Runtime):
         return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
                          {"runtime": runtime, "archive": time.monotonic() - started - runtime, "prepare": prepare})
 
-    async def _runc_started(self, cid: str, pid: int, dump: asyncio.Future,
+    async def _until_frozen(self, cid: str, pid: int, dump: asyncio.Future,
                             freezing: Callable[[], None]) -> float:
         """Call freezing() when CRIU freezes the container: after the wrapper has started runc (podman
         prepares ~50 ms before), once CRIU has seized the container's first process (runc and CRIU
@@ -359,7 +359,7 @@ class PodmanRuntime(Runtime):
         dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
         frozen = prepare = 0.0
         try:
-            prepare = await self._runc_started(cid, _pid(c), dump, freezing)
+            prepare = await self._until_frozen(cid, freeze.container_pid(c), dump, freezing)
             started = time.monotonic()   # what "frozen" counts from, as the downtime does
             ready = self._request(cid, "ready")
             while not dump.done() and not (os.path.exists(ready) and os.path.getsize(ready) > 0):
@@ -520,14 +520,6 @@ def _empty_folder(folder: str) -> None:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
-
-
-def _pid(c: dict) -> int:
-    """The host pid of an inspected container's first process (0 if it has none)."""
-    try:
-        return int((c.get("State") or {}).get("Pid") or 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _read(path: str) -> str:

@@ -75,13 +75,14 @@ class Moment(threading.Thread):
         return self.at
 
 
-def frozen(host, name: str) -> Moment:
-    """When CRIU seizes the container's first process."""
-    pid = json.loads(host.podman("inspect", "--format", "json", name).stdout)[0]["State"]["Pid"]
-    return Moment(lambda: freeze.tracer(pid) != 0)
+def frozen(host, name: str) -> tuple[str, Moment]:
+    """The container's id, and when CRIU seizes its first process."""
+    c = json.loads(host.podman("inspect", "--format", "json", name).stdout)[0]
+    pid = freeze.container_pid(c)
+    return c["Id"], Moment(lambda: freeze.tracer(pid) != 0)
 
 
-def restored(cid: str) -> Moment:
+def resumed(cid: str) -> Moment:
     """When CRIU resumes container `cid`'s processes (asks for the marker the agent uses)."""
     marker = os.path.join(LAZY_REQUESTS, f"{cid}.resumed")
     for leftover in (marker, os.path.join(LAZY_REQUESTS, f"{cid}.restored")):
@@ -105,14 +106,13 @@ def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict
                       region_name="us-east-1")
     cfg = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=8)
     src, dst = os.path.join(base, f"{name}-src.tar"), os.path.join(base, f"{name}-dst.tar")
-    cid = json.loads(a.podman("inspect", "--format", "json", name).stdout)[0]["Id"]
-    freezing = frozen(a, name)
+    cid, freezing = frozen(a, name)
     a.podman("container", "checkpoint", name, "--export", src, "--compress", "none", timeout=1800)
     t0, t1 = freezing.when(), time.monotonic()
     s3.upload_file(src, "bench-baseline", f"{name}.tar", Config=cfg)
     s3.download_file("bench-baseline", f"{name}.tar", dst, Config=cfg)
     t2 = time.monotonic()
-    running = restored(cid)
+    running = resumed(cid)
     b.podman("container", "restore", "--import", dst, timeout=1800)   # no --name: it keeps its id
     t3 = running.when()
     assert b.verify_memory(name, timeout=300)["verified"] == "ok"
@@ -123,11 +123,10 @@ def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict
 
 def floor(cluster: Cluster, name: str) -> dict[str, float]:
     a = cluster.hosts["host-a"]
-    cid = json.loads(a.podman("inspect", "--format", "json", name).stdout)[0]["Id"]
-    freezing = frozen(a, name)
+    cid, freezing = frozen(a, name)
     a.podman("container", "checkpoint", name, timeout=1800)
     t0, t1 = freezing.when(), time.monotonic()
-    running = restored(cid)
+    running = resumed(cid)
     a.podman("container", "restore", name, timeout=1800)
     t2 = running.when()
     assert a.verify_memory(name, timeout=300)["verified"] == "ok"

@@ -85,3 +85,10 @@ def test_a_process_traced_already_gives_no_signal():
         seizer.wait()
         child.kill()
         child.wait()
+
+
+def test_container_pid_reads_either_engines_inspect_document():
+    assert freeze.container_pid({"State": {"Pid": 4112}}) == 4112
+    assert freeze.container_pid({"State": {"Pid": 0}}) == 0       # not running
+    assert freeze.container_pid({"State": None}) == 0
+    assert freeze.container_pid({"State": {"Pid": "x"}}) == 0
