@@ -8,6 +8,7 @@ import os
 import grpc
 import structlog
 
+from stasis.agent import bulk
 from stasis.agent.service import DIRECT_TAG, AgentService, Peer
 from stasis.errors import SERVER_OPTIONS, from_rpc_error, rpc_errors
 from stasis.proto import convert
@@ -112,7 +113,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         return pb.CheckMigrationResponse()
 
     async def FetchCheckpoint(self, request, context):
-        async for chunk in self.service.fetch(request.checkpoint_id, request.ticket, request.zstd):
+        async for chunk in self.service.fetch(request.checkpoint_id, request.ticket, request.zstd, request.bulk):
             yield chunk
 
     async def RelayPages(self, request_iterator, context):
@@ -178,11 +179,13 @@ def build_server(service: AgentService, listen: str, transport: Transport) -> gr
 
 
 async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None,
-                transport: Transport) -> None:
+                transport: Transport, bulk_listen: str | None = None) -> None:
     server = build_server(service, listen, transport)
+    service.bulk = bulk.Listener(transport, bulk_listen or f"{bulk.host_of(listen)}:0", service.deny)
     await server.start()
     address = advertise or listen
-    log.info("agent listening", address=listen, host=service.host_name, pid=os.getpid(), tls=transport.secure)
+    log.info("agent listening", address=listen, bulk_port=service.bulk.port, host=service.host_name,
+             pid=os.getpid(), tls=transport.secure)
     service.runtime.sweep()   # before warm_up: its first landing then removes what a killed agent left
     tasks = [asyncio.ensure_future(_register_loop(service, controller, address, transport))] if controller else []
     tasks.append(asyncio.ensure_future(service.warm_up()))
@@ -191,4 +194,5 @@ async def serve(service: AgentService, listen: str, controller: str | None, adve
     finally:
         for t in tasks:
             t.cancel()
+        service.bulk.close()
         await server.stop(grace=2)

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
 
-from stasis.agent import failpoints, pages, transfer
+from stasis.agent import bulk, failpoints, pages, transfer
 from stasis.agent.pages import free_loopback_port
 from stasis.agent.podman import check_name
 from stasis.agent.probe import CRIU_RUNDIR, cpuinfo_check, cpuinfo_dump, criu_cache, criu_version, probe
@@ -95,6 +95,7 @@ class AgentService:
         self.work_dir = work_dir
         os.makedirs(os.path.join(work_dir, "stage"), mode=0o700, exist_ok=True)
         self.spool = Spool(os.path.join(work_dir, "spool"))
+        self.bulk: bulk.Listener | None = None   # direct transfers' bytes, beside gRPC (serve() opens it)
         self._ops: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
         self._criu_version = ""
         self._runtime_version = ""
@@ -426,14 +427,17 @@ class AgentService:
         return await self._once(op_id, lambda: self._restore(checkpoint_id, repo_url, name, emit, peer,
                                                               ignore_volumes))
 
-    async def fetch(self, checkpoint_id: str, ticket: bytes, compress: bool = False):
-        """Serve a held checkpoint to the peer agent the controller's ticket names."""
+    async def fetch(self, checkpoint_id: str, ticket: bytes, compress: bool = False, want_bulk: bool = False):
+        """Serve a held checkpoint to the peer agent the controller's ticket names; over the bulk
+        channel when the peer can take it and this agent listens for it."""
         caller = CALLER.get()
         if self.tickets is not None:
             if caller is None or caller.kind != "agent":
                 raise PermissionDenied("only a peer agent with a migration ticket may fetch checkpoints")
             self.tickets.check(ticket, checkpoint_id, caller.name)
-        async for chunk in transfer.send(self.spool, self.signer, checkpoint_id, compress):
+        listener = self.bulk if want_bulk else None
+        async for chunk in transfer.send(self.spool, self.signer, checkpoint_id, compress, listener,
+                                         caller.name if caller is not None else ""):
             yield chunk
 
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit,

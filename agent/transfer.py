@@ -15,8 +15,10 @@ import collections
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
+import threading
 import time
 from typing import AsyncIterator, Callable
 
@@ -25,7 +27,7 @@ import grpc
 import structlog
 import zstandard
 
-from stasis.agent import failpoints
+from stasis.agent import bulk, failpoints
 from stasis.agent.spliced_archive import SplicedReader, logical_size
 from stasis.agent.tar_split import PagesSplitter, SplitError, join_pages
 from stasis.errors import IntegrityError, NotFound, StasisError, from_rpc_error
@@ -43,6 +45,7 @@ READ_AHEAD = 16          # messages the destination takes off the stream ahead o
 WIRE_LEVEL = 1           # zstd level on the wire: ~1 GB/s here, halves half-compressible memory
 POLL = 0.01              # seconds between looks at an archive the dump is still writing
 SPOOL_TTL = 3600.0       # seconds an unfetched archive is kept (a migration that never came)
+BULK_WAIT = 10.0         # seconds the source waits for the fetcher on the bulk channel, then uses gRPC
 
 
 class Spool:
@@ -140,12 +143,12 @@ def _canonical(doc: dict) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
-async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
-               compress: bool = False) -> AsyncIterator[pb.TransferChunk]:
+async def send(spool: Spool, signer: Signer | None, ckpt_id: str, compress: bool = False,
+               listener: bulk.Listener | None = None, peer: str = "") -> AsyncIterator[pb.TransferChunk]:
     """The source's side of the stream, from the first byte the dump writes; the spool entry goes
-    once the whole archive is out. A task reads and hashes a few chunks ahead of the one on the wire
-    (measured: reading, hashing and sending one after the other held a GiB to ~400 MB/s here). With
-    `compress` (the fetcher reads zdata), chunks travel as zstd frames compressed in worker threads."""
+    once the whole archive is out. With a `listener` (the fetcher asked for it), the bytes go over
+    the bulk channel to agent `peer`, or over this stream if it does not connect in time. With
+    `compress` (the fetcher reads zdata), chunks travel as zstd frames."""
     archive, offer, outcome = await spool.open(ckpt_id)
     yield pb.TransferChunk(offer=offer)
     while not os.path.exists(archive):   # the runtime has not created it yet
@@ -153,56 +156,32 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
             outcome.result()   # raises the dump's error
             break
         await asyncio.sleep(POLL)
+    sock = None
+    if listener is not None:
+        token = secrets.token_bytes(bulk.TOKEN)
+        waiting = listener.expect(token, peer)
+        yield pb.TransferChunk(bulk=pb.BulkOffer(port=listener.port, token=token))
+        sock = await bulk.accepted(listener, token, waiting, BULK_WAIT)
+        if sock is None:
+            log.warning("the peer did not connect to the bulk channel; sending over gRPC (slower): "
+                        "let agents reach each other's --bulk-listen port", checkpoint=ckpt_id, peer=peer,
+                        port=listener.port)
     digest = blake3.blake3()   # one thread: its helpers would only take cores from CRIU and the stream
-    read = {"size": 0, "dump_ended": 0.0}
-    ahead: asyncio.Queue = asyncio.Queue(maxsize=AHEAD)
+    ended = threading.Event()   # the dump's end, for threads
+    outcome.add_done_callback(lambda _f: ended.set())
     corrupt = "transfer.corrupt_byte" in failpoints.armed()   # tests: damage in transit
-
-    async def produce(f: SplicedReader) -> None:
-        nonlocal corrupt
-        try:
-            while True:
-                # Read before asking whether the dump is done: what was written before it ended is read.
-                finished = outcome.done()
-                if finished and not read["dump_ended"]:
-                    read["dump_ended"] = time.monotonic()
-                # One read at a time, in a worker, so the hash sees the bytes in order.
-                data = await asyncio.to_thread(_read_hashed, f, digest)
-                if not data:
-                    if finished:
-                        break
-                    await asyncio.sleep(POLL)
-                    continue
-                read["size"] += len(data)
-                if corrupt and read["size"] > len(data):
-                    data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
-                if compress:
-                    await ahead.put(asyncio.ensure_future(asyncio.to_thread(_frame, data)))
-                else:
-                    await ahead.put(pb.TransferChunk(data=data))
-            await ahead.put(None)
-        except BaseException as exc:   # handed to the stream, which raises it
-            await ahead.put(exc)
-
-    started, wire, messages = time.monotonic(), 0, 0
+    started, stats = time.monotonic(), {"size": 0, "wire": 0, "messages": 0, "dump_ended": 0.0}
     f = SplicedReader(archive)
-    producer = asyncio.ensure_future(produce(f))
     try:
-        while (item := await ahead.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            msg = await item if isinstance(item, asyncio.Future) else item
-            wire, messages = wire + len(msg.data) + len(msg.zdata), messages + 1
-            yield msg
+        if sock is not None:
+            await _in_thread(_pump, sock, f, digest, ended, compress, corrupt, stats)
+        else:
+            async for msg in _messages(f, digest, outcome, compress, corrupt, stats):
+                yield msg
     finally:
-        producer.cancel()
-        await asyncio.gather(producer, return_exceptions=True)
-        while not ahead.empty():   # frames still compressing when the stream ended early
-            item = ahead.get_nowait()
-            if isinstance(item, asyncio.Future):
-                await asyncio.gather(item, return_exceptions=True)
+        bulk.shut(sock)
         f.close()
-    ended, size, dump_ended = time.monotonic(), read["size"], read["dump_ended"]
+    finished, size, dump_ended = time.monotonic(), stats["size"], stats["dump_ended"]
     image = outcome.result()   # raises the dump's error: the peer must not restore a partial archive
     if size != spool.size(ckpt_id):
         raise IntegrityError(f"checkpoint {ckpt_id} changed while it was sent ({size} bytes sent, "
@@ -213,8 +192,102 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str,
     yield pb.TransferChunk(seal=_canonical({"seal": seal, "signature": signer.sign_bytes(body) if signer else None}))
     spool.drop(ckpt_id)
     spool.end(ckpt_id, NotFound(f"checkpoint {ckpt_id} was fetched already; a migration fetches once"))
-    log.info("checkpoint sent to peer", checkpoint=ckpt_id, bytes=size, wire_bytes=wire, messages=messages,
-             seconds=round(ended - started, 3), after_dump=round(ended - (dump_ended or ended), 3))
+    log.info("checkpoint sent to peer", checkpoint=ckpt_id, channel="bulk" if sock else "grpc", bytes=size,
+             wire_bytes=stats["wire"], messages=stats["messages"], seconds=round(finished - started, 3),
+             after_dump=round(finished - (dump_ended or finished), 3))
+
+
+async def _in_thread(fn, sock, *args):
+    """Run a blocking pump on `sock` in a thread; if this task is cancelled (the peer went away), the
+    socket is shut so that the thread returns, and waited for."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, sock, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        bulk.shut(sock)
+        await asyncio.gather(work, return_exceptions=True)
+        raise
+
+
+def _pump(sock, f: SplicedReader, digest, ended: threading.Event, compress: bool, corrupt: bool,
+          stats: dict) -> None:
+    """Bulk channel, source: read, hash and send the archive as it grows, then END. One thread does
+    it all; the peer's thread writes while this one reads, and the TLS work releases the GIL."""
+    quiet = time.monotonic()
+    while True:
+        # Read before asking whether the dump is done: what was written before it ended is read.
+        finished = ended.is_set()
+        if finished and not stats["dump_ended"]:
+            stats["dump_ended"] = time.monotonic()
+        data = _read_hashed(f, digest)
+        if not data:
+            if finished:
+                break
+            if time.monotonic() - quiet > bulk.KEEPALIVE_EVERY:
+                bulk.send_frame(sock, bulk.KEEPALIVE)
+                quiet = time.monotonic()
+            time.sleep(POLL)
+            continue
+        stats["size"] += len(data)
+        if corrupt and stats["size"] > len(data):
+            data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
+        kind, payload = (bulk.DATA, data)
+        if compress:
+            msg = _frame(data)
+            kind, payload = (bulk.ZSTD, msg.zdata) if msg.HasField("zdata") else (bulk.DATA, data)
+        bulk.send_frame(sock, kind, payload)
+        stats["wire"], stats["messages"] = stats["wire"] + len(payload), stats["messages"] + 1
+        quiet = time.monotonic()
+    bulk.send_frame(sock, bulk.END)
+
+
+async def _messages(f: SplicedReader, digest, outcome: asyncio.Future, compress: bool, corrupt: bool,
+                    stats: dict) -> AsyncIterator[pb.TransferChunk]:
+    """gRPC, source: a task reads and hashes a few chunks ahead of the one on the wire (measured:
+    reading, hashing and sending one after the other held a GiB to ~400 MB/s here); compressed
+    chunks are made in worker threads."""
+    ahead: asyncio.Queue = asyncio.Queue(maxsize=AHEAD)
+
+    async def produce() -> None:
+        nonlocal corrupt
+        try:
+            while True:
+                finished = outcome.done()
+                if finished and not stats["dump_ended"]:
+                    stats["dump_ended"] = time.monotonic()
+                # One read at a time, in a worker, so the hash sees the bytes in order.
+                data = await asyncio.to_thread(_read_hashed, f, digest)
+                if not data:
+                    if finished:
+                        break
+                    await asyncio.sleep(POLL)
+                    continue
+                stats["size"] += len(data)
+                if corrupt and stats["size"] > len(data):
+                    data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
+                if compress:
+                    await ahead.put(asyncio.ensure_future(asyncio.to_thread(_frame, data)))
+                else:
+                    await ahead.put(pb.TransferChunk(data=data))
+            await ahead.put(None)
+        except BaseException as exc:   # handed to the stream, which raises it
+            await ahead.put(exc)
+
+    producer = asyncio.ensure_future(produce())
+    try:
+        while (item := await ahead.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            msg = await item if isinstance(item, asyncio.Future) else item
+            stats["wire"], stats["messages"] = stats["wire"] + len(msg.data) + len(msg.zdata), stats["messages"] + 1
+            yield msg
+    finally:
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+        while not ahead.empty():   # frames still compressing when the stream ended early
+            item = ahead.get_nowait()
+            if isinstance(item, asyncio.Future):
+                await asyncio.gather(item, return_exceptions=True)
 
 
 def wants_zstd(peer_address: str) -> bool:
@@ -241,7 +314,7 @@ def _frame(data: bytes) -> pb.TransferChunk:
     return pb.TransferChunk(zdata=packed) if len(packed) < len(data) else pb.TransferChunk(data=data)
 
 
-def _unframe(packed: bytes, peer: str) -> bytes:
+def _unframe(packed: bytes | bytearray, peer: str) -> bytes:
     """A zdata frame's bytes; the source is authenticated, but its frames are still bounded before use."""
     try:
         if zstandard.frame_content_size(packed) not in range(1, CHUNK + 1):
@@ -266,8 +339,10 @@ class Receiver:
         channel = transport.aio_channel(peer_address, agent_server_name(peer_host))
         self.channel = channel
         self.call = pb_grpc.AgentStub(channel).FetchCheckpoint(
-            pb.FetchCheckpointRequest(checkpoint_id=ckpt_id, ticket=ticket, zstd=wants_zstd(peer_address)),
+            pb.FetchCheckpointRequest(checkpoint_id=ckpt_id, ticket=ticket, zstd=wants_zstd(peer_address),
+                                      bulk=True),
             timeout=3600)
+        self.channel_used = "grpc"
         self.ckpt_id = ckpt_id
         self.raw_offer = b""
         self.manifest: Manifest | None = None
@@ -298,6 +373,7 @@ class Receiver:
         digest = blake3.blake3()   # one thread, as the sender's
         size = 0
         seal = None
+        offered = False   # the bulk channel, at most once and before any byte
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         joined = "" if pages_dir else tempfile.mkdtemp(prefix="pages-", dir=os.path.dirname(path) or ".")
         splitter = PagesSplitter(fd, pages_dir or joined, whole=bool(pages_dir))
@@ -327,8 +403,19 @@ class Receiver:
                 if item.HasField("seal"):
                     seal = item.seal
                     continue
+                if item.HasField("bulk"):
+                    if seal is not None or size or offered:
+                        raise IntegrityError(f"{self.peer} offered the bulk channel mid-transfer")
+                    offered = True
+                    sock = await asyncio.to_thread(self._dial, item.bulk)
+                    taken = None if sock is None else await _in_thread(self._take, sock, write, digest, emit)
+                    if taken is not None:
+                        size, self.channel_used = taken, "bulk"
+                    continue
                 if seal is not None or not (item.HasField("data") or item.HasField("zdata")):
                     raise IntegrityError(f"{self.peer} sent data after the seal")
+                if self.channel_used == "bulk":
+                    raise IntegrityError(f"{self.peer} sent data on both channels")
                 data = item.data if item.HasField("data") else await asyncio.to_thread(_unframe, item.zdata,
                                                                                        self.peer)
                 size += len(data)
@@ -350,6 +437,32 @@ class Receiver:
             if joined:
                 await asyncio.to_thread(shutil.rmtree, joined, True)
             await self.channel.close()
+
+    def _dial(self, offer: pb.BulkOffer):
+        """The bulk channel's socket, or None when it cannot be set up (the source then uses gRPC)."""
+        try:
+            return bulk.dial(self.transport, bulk.host_of(self.peer_address), offer.port,
+                             agent_server_name(self.peer_host), offer.token)
+        except bulk.Unavailable as e:
+            log.warning("bulk channel unavailable; receiving over gRPC (slower)", peer=self.peer, error=str(e))
+            return None
+
+    def _take(self, sock, write: Callable[[bytes], object], digest, emit: Callable[[int], None]) -> int | None:
+        """Bulk channel, destination: hash and write each frame as it comes; returns the bytes taken,
+        or None when the source closed the channel before its first frame (it then uses gRPC)."""
+        size = 0
+        try:
+            for kind, payload in bulk.frames(sock, self.peer):
+                data = _unframe(payload, self.peer) if kind == bulk.ZSTD else payload
+                size += len(data)
+                _hash_write(write, data, digest)
+                emit(size)
+        except bulk.Unavailable as e:
+            log.warning("bulk channel unavailable; receiving over gRPC (slower)", peer=self.peer, error=str(e))
+            return None
+        finally:
+            bulk.shut(sock)
+        return size
 
     def _check_seal(self, raw: bytes, size: int, blake: str) -> dict:
         assert self.manifest is not None

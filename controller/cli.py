@@ -608,7 +608,7 @@ def cmd_agent_serve(args) -> int:
     verifier = Verifier(transport.ca_certs, deny, args.allow_unsigned) if transport.secure else None
     service = AgentService(args.host_name, runtime, work_dir, args.repo or "", _password(args),
                            signer=signer, verifier=verifier, deny=deny, transport=transport)
-    return _run_daemon(serve(service, args.listen, args.controller, args.advertise, transport))
+    return _run_daemon(serve(service, args.listen, args.controller, args.advertise, transport, args.bulk_listen))
 
 
 def _daemon_transport(args, kind: str, name: str) -> Transport:
@@ -707,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:7071", help="address to listen on (default %(default)s)")
     s.add_argument("--host-name", required=True, help="this host's name in stasis (e.g. host-a)")
     s.add_argument("--advertise", help="address the controller should dial (default: --listen)")
+    s.add_argument("--bulk-listen", metavar="HOST:PORT",
+                   help="where peer agents fetch a direct migration's bytes, over mutual TLS beside gRPC "
+                        "(default: --listen's host, a free port announced per transfer). Peers dial this "
+                        "port on the host of --advertise; if they cannot, the bytes go over gRPC, slower")
     s.add_argument("--work-dir", help="where checkpoints are staged (default /var/lib/stasis/agent/HOST)")
     s.add_argument("--runtime", default="auto", choices=["auto", "podman", "docker"],
                    help="container engine (default: the one present)")

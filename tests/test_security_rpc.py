@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import os
 import socket
 import ssl
+import tarfile
 import threading
 
 import grpc
@@ -19,12 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from google.protobuf.descriptor import FieldDescriptor
 
+from stasis.agent import bulk, transfer
 from stasis.agent.runtime import ContainerInfo
 from stasis.agent.server import build_server as build_agent
 from stasis.agent.service import AgentService
 from stasis.controller.server import build_server as build_controller
 from stasis.controller.service import ControllerService
 from stasis.controller.store import Store
+from stasis.errors import IntegrityError
 from stasis.proto.v1 import stasis_pb2 as pb
 from stasis.proto.v1 import stasis_pb2_grpc as pb_grpc
 from stasis.security.pki import Authority, agent_server_name
@@ -69,6 +73,7 @@ class Stack:
                             build_agent(self.agent, f"127.0.0.1:{self.agent_port}", agent_transport)]
             for s in self.servers:
                 await s.start()
+            self.agent.bulk = bulk.Listener(agent_transport, "127.0.0.1:0", self.agent_deny)
             ready.set()
             await asyncio.gather(*(s.wait_for_termination() for s in self.servers))
 
@@ -252,6 +257,56 @@ def test_a_peer_agent_fetches_a_held_checkpoint_once_and_only_with_its_ticket(st
     with pytest.raises(grpc.RpcError) as err:
         fetch(peer, mint(controller, "job-1", summary.id, "host-a", "host-b"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_peer_receives_over_the_bulk_channel_and_the_seal_still_judges_the_bytes(stack, tmp_path):
+    """Receiver and send() over real gRPC and real mutual TLS: the bytes take the bulk channel; a
+    byte damaged on it is caught by the seal that came over gRPC."""
+    from stasis.security.tickets import mint
+
+    ctl = stack.agent_stub(stack.ca.bundle_path("controller", "controller"))
+    controller = Transport(stack.ca.bundle_path("controller", "controller"))
+    b = Transport(stack.ca.bundle_path("agent", "host-b"))
+
+    original = stack.runtime.checkpoint
+
+    async def dump_tar(name, archive, leave_running, ignore_volumes=False):   # a real archive's shape, 3 MiB
+        stats = await original(name, archive, leave_running, ignore_volumes)
+        with tarfile.open(archive, "w") as tar:
+            for member, size in (("inventory.img", 100), ("pages-1.img", 3 << 20)):
+                info = tarfile.TarInfo(member)
+                info.size = size
+                tar.addfile(info, io.BytesIO(os.urandom(size)))
+        return stats
+
+    def receive(n: int):
+        events = list(ctl.Checkpoint(pb.AgentCheckpointRequest(operation_id=f"bulk-{n}", container="web",
+                                                               direct=True), timeout=60))
+        stack.runtime.containers["web"].state = "running"
+        ckpt = events[-1].checkpoint.id
+        ticket = mint(controller, f"job-bulk-{n}", ckpt, "host-a", "host-b")
+        progress: list[int] = []
+
+        async def run():
+            receiver = transfer.Receiver(b, Verifier(b.ca_certs, DenyList()), "host-a",
+                                         f"127.0.0.1:{stack.agent_port}", ckpt, ticket)
+            await receiver.offer()
+            seal = await receiver.archive(str(tmp_path / f"{n}.tar"), progress.append)
+            return receiver.channel_used, seal
+
+        return events[-1].checkpoint, progress, asyncio.run(run())
+
+    stack.runtime.checkpoint = dump_tar
+    try:
+        summary, progress, (channel, seal) = receive(1)
+        assert channel == "bulk" and seal["size"] == summary.size_bytes == os.path.getsize(tmp_path / "1.tar")
+        assert summary.size_bytes > 3 << 20 and progress[-1] == summary.size_bytes
+        os.environ["STASIS_FAILPOINTS"] = "transfer.corrupt_byte"   # in the pages, past the first chunk
+        with pytest.raises(IntegrityError, match="damaged in transit"):
+            receive(2)
+    finally:
+        os.environ.pop("STASIS_FAILPOINTS", None)
+        stack.runtime.checkpoint = original
 
 
 # ------------------------------------------------------------------ rotation

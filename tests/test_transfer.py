@@ -10,8 +10,9 @@ import blake3
 import pytest
 import zstandard
 
-from stasis.agent import transfer
+from stasis.agent import bulk, transfer
 from stasis.errors import IntegrityError
+from stasis.security.tls import Transport
 
 PAGE = 4096
 
@@ -79,3 +80,48 @@ def test_hostile_frames_are_refused_in_one_line(frame, problem):
                                             ("[fd00::7]:7001", True), ("host-b.example:7001", True)])
 def test_the_wire_is_compressed_across_a_network_only(address, wanted):
     assert transfer.wants_zstd(address) is wanted
+
+
+async def bulk_stream(tmp_path, data: bytes, listener, dial: bool) -> tuple[list, bytes]:
+    """send() with a bulk listener: the gRPC messages, and the bytes the bulk channel carried (the
+    peer dials when `dial`, as Receiver does)."""
+    spool = transfer.Spool(str(tmp_path / "spool"))
+    path = spool.begin("c0ffee", b"offer", "web")
+    with open(path, "wb") as f:
+        f.write(data)
+    spool.finish("c0ffee", None)
+    messages, carried = [], bytearray()
+    async for m in transfer.send(spool, None, "c0ffee", False, listener, "host-b"):
+        messages.append(m)
+        if m.HasField("bulk") and dial:
+            sock = await asyncio.to_thread(bulk.dial, Transport.insecure(), "127.0.0.1", m.bulk.port, "", m.bulk.token)
+            reader = asyncio.ensure_future(asyncio.to_thread(
+                lambda s=sock: [carried.extend(p) for _, p in bulk.frames(s, "agent host-a")]))
+    if dial:
+        await reader
+    return messages, bytes(carried)
+
+
+async def test_the_bulk_channel_carries_the_bytes_and_the_stream_keeps_offer_and_seal(tmp_path):
+    data = half_compressible(3) + os.urandom(777)
+    listener = bulk.Listener(Transport.insecure(), "127.0.0.1:0")
+    try:
+        messages, carried = await bulk_stream(tmp_path, data, listener, dial=True)
+    finally:
+        listener.close()
+    assert [m.WhichOneof("kind") for m in messages] == ["offer", "bulk", "seal"]
+    assert carried == data
+    seal = json.loads(messages[-1].seal)["seal"]
+    assert seal["size"] == len(data) and seal["blake3"] == blake3.blake3(data).hexdigest()
+
+
+async def test_a_peer_that_never_dials_gets_the_bytes_over_grpc(tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "BULK_WAIT", 0.2)
+    data = os.urandom(3 * transfer.CHUNK + 5)
+    listener = bulk.Listener(Transport.insecure(), "127.0.0.1:0")
+    try:
+        messages, _ = await bulk_stream(tmp_path, data, listener, dial=False)
+    finally:
+        listener.close()
+    assert [m.WhichOneof("kind") for m in messages] == ["offer", "bulk", "data", "data", "data", "data", "seal"]
+    assert received(messages) == data

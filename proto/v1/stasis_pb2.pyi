@@ -170,26 +170,38 @@ class CheckMigrationResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class FetchCheckpointRequest(_message.Message):
-    __slots__ = ("checkpoint_id", "ticket", "zstd")
+    __slots__ = ("checkpoint_id", "ticket", "zstd", "bulk")
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     ZSTD_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     checkpoint_id: str
     ticket: bytes
     zstd: bool
-    def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., zstd: _Optional[bool] = ...) -> None: ...
+    bulk: bool
+    def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., zstd: _Optional[bool] = ..., bulk: _Optional[bool] = ...) -> None: ...
+
+class BulkOffer(_message.Message):
+    __slots__ = ("port", "token")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    token: bytes
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class TransferChunk(_message.Message):
-    __slots__ = ("offer", "data", "seal", "zdata")
+    __slots__ = ("offer", "data", "seal", "zdata", "bulk")
     OFFER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
     ZDATA_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     offer: bytes
     data: bytes
     seal: bytes
     zdata: bytes
-    def __init__(self, offer: _Optional[bytes] = ..., data: _Optional[bytes] = ..., seal: _Optional[bytes] = ..., zdata: _Optional[bytes] = ...) -> None: ...
+    bulk: BulkOffer
+    def __init__(self, offer: _Optional[bytes] = ..., data: _Optional[bytes] = ..., seal: _Optional[bytes] = ..., zdata: _Optional[bytes] = ..., bulk: _Optional[_Union[BulkOffer, _Mapping]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
     __slots__ = ("container", "argv", "timeout_seconds")
