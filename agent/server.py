@@ -181,11 +181,12 @@ def build_server(service: AgentService, listen: str, transport: Transport) -> gr
 async def serve(service: AgentService, listen: str, controller: str | None, advertise: str | None,
                 transport: Transport, bulk_listen: str | None = None) -> None:
     server = build_server(service, listen, transport)
-    service.bulk = bulk.Listener(transport, bulk_listen or f"{bulk.host_of(listen)}:0", service.deny)
+    if bulk_listen != "off":
+        service.bulk = bulk.Listener(transport, bulk_listen or f"{bulk.host_of(listen)}:0", service.deny)
     await server.start()
     address = advertise or listen
-    log.info("agent listening", address=listen, bulk_port=service.bulk.port, host=service.host_name,
-             pid=os.getpid(), tls=transport.secure)
+    log.info("agent listening", address=listen, bulk_port=service.bulk.port if service.bulk else "off",
+             host=service.host_name, pid=os.getpid(), tls=transport.secure)
     service.runtime.sweep()   # before warm_up: its first landing then removes what a killed agent left
     tasks = [asyncio.ensure_future(_register_loop(service, controller, address, transport))] if controller else []
     tasks.append(asyncio.ensure_future(service.warm_up()))
@@ -194,5 +195,6 @@ async def serve(service: AgentService, listen: str, controller: str | None, adve
     finally:
         for t in tasks:
             t.cancel()
-        service.bulk.close()
+        if service.bulk is not None:
+            service.bulk.close()
         await server.stop(grace=2)

@@ -707,10 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:7071", help="address to listen on (default %(default)s)")
     s.add_argument("--host-name", required=True, help="this host's name in stasis (e.g. host-a)")
     s.add_argument("--advertise", help="address the controller should dial (default: --listen)")
-    s.add_argument("--bulk-listen", metavar="HOST:PORT",
+    s.add_argument("--bulk-listen", metavar="HOST:PORT|off", default=os.environ.get("STASIS_BULK_LISTEN"),
                    help="where peer agents fetch a direct migration's bytes, over mutual TLS beside gRPC "
-                        "(default: --listen's host, a free port announced per transfer). Peers dial this "
-                        "port on the host of --advertise; if they cannot, the bytes go over gRPC, slower")
+                        "(default: --listen's host and a free port, announced per transfer; or "
+                        "$STASIS_BULK_LISTEN). Peers dial this port on the host of --advertise; if they "
+                        "cannot, or with 'off', the bytes go over gRPC, which costs about twice the CPU")
     s.add_argument("--work-dir", help="where checkpoints are staged (default /var/lib/stasis/agent/HOST)")
     s.add_argument("--runtime", default="auto", choices=["auto", "podman", "docker"],
                    help="container engine (default: the one present)")

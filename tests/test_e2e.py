@@ -81,6 +81,10 @@ def test_migrate_moves_memory_and_open_file_in_new_directory(cluster):
     with open(os.path.join(cluster.base, "agent-host-b.log")) as f:
         placed = [line for line in f if job["result"]["checkpoint_id"] in line and "beside the archive" in line]
     assert placed and "files=0" not in placed[0]
+    # The bytes took the bulk channel beside gRPC (mutual TLS, the token from the stream).
+    with open(os.path.join(cluster.base, "agent-host-a.log")) as f:
+        sent = [line for line in f if job["result"]["checkpoint_id"] in line and "sent to peer" in line]
+    assert sent and "channel=bulk" in sent[0], sent
 
 
 def test_migrating_via_the_repository_keeps_a_backup(cluster):
