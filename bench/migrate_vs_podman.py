@@ -8,7 +8,10 @@ MiB of memory, half of it compressible), the image already on both hosts:
   `podman container restore --import X.tar`. The container is down for all of it.
 - local floor: `podman container checkpoint` and `podman container restore` of the same container
   on one host, with no export. This is CRIU's own dump and restore and nothing else.
-- stasis direct: `stasis migrate` (agent to agent over mutual TLS, the default).
+- stasis direct: `stasis migrate` (agent to agent over mutual TLS, the default). The archive's
+  bytes take the source's bulk channel (plain TLS beside gRPC).
+- stasis direct, bytes on gRPC: the same from a source agent started with `--bulk-listen off`, so
+  every byte travels in gRPC messages: what the bulk channel saves.
 - stasis via repository: `stasis migrate --via-repository` (through the encrypted S3 repository,
   leaving a backup).
 - stasis post-copy: `stasis migrate --post-copy` (restore first; memory follows through the agents'
@@ -97,7 +100,10 @@ def resumed(cid: str) -> Moment:
 
 BASELINE, FLOOR = "podman export + S3 + import", "local floor (podman, one host)"
 DIRECT, REPO, POST = "stasis direct", "stasis via repository", "stasis post-copy"
-SHORT = {BASELINE: "baseline", FLOOR: "floor", DIRECT: "direct", REPO: "repo", POST: "post-copy"}
+GRPC = "stasis direct, bytes on gRPC"
+SHORT = {BASELINE: "baseline", FLOOR: "floor", DIRECT: "direct", GRPC: "direct-grpc", REPO: "repo",
+         POST: "post-copy"}
+SOURCE = {GRPC: "host-g"}   # a source agent started with --bulk-listen off; every other row: host-a
 
 
 def baseline(cluster: Cluster, seaweed: SeaweedFS, name: str, base: str) -> dict[str, float]:
@@ -133,8 +139,8 @@ def floor(cluster: Cluster, name: str) -> dict[str, float]:
     return {"dump": t1 - t0, "transfer": 0.0, "restore": t2 - t1, "downtime": t2 - t0}
 
 
-def stasis(cluster: Cluster, name: str, *extra: str) -> dict[str, float]:
-    job = cluster.cli_json("migrate", f"host-a/{name}", "--to", "host-b", *extra)
+def stasis(cluster: Cluster, name: str, *extra: str, source: str = "host-a") -> dict[str, float]:
+    job = cluster.cli_json("migrate", f"{source}/{name}", "--to", "host-b", *extra)
     assert job["state"] == "succeeded", job["error"]
     assert cluster.hosts["host-b"].verify_memory(name, timeout=300)["verified"] == "ok"
     t = job["timings"]
@@ -147,15 +153,17 @@ def stasis(cluster: Cluster, name: str, *extra: str) -> dict[str, float]:
 
 def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: int,
              only: list[str]) -> dict[str, dict]:
-    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    b = cluster.hosts["host-b"]
     methods = {BASELINE: lambda n: baseline(cluster, seaweed, n, base), FLOOR: lambda n: floor(cluster, n),
-               DIRECT: lambda n: stasis(cluster, n), REPO: lambda n: stasis(cluster, n, "--via-repository"),
+               DIRECT: lambda n: stasis(cluster, n), GRPC: lambda n: stasis(cluster, n, source=SOURCE[GRPC]),
+               REPO: lambda n: stasis(cluster, n, "--via-repository"),
                POST: lambda n: stasis(cluster, n, "--post-copy")}
     methods = {label: m for label, m in methods.items() if SHORT[label] in only}
     results: dict[str, list[dict[str, float]]] = {label: [] for label in methods}
     for r in range(rounds):
         for i, (label, method) in enumerate(methods.items()):
             name = f"bench-{mib}-{r}-{i}"
+            a = cluster.hosts[SOURCE.get(label, "host-a")]
             a.run_workload(name, mib, compressible_percent=50)
             # Every row starts with no dirty data left by the row before (the baseline writes GiBs):
             # otherwise whichever row follows it is throttled by that write-back, not by itself.
@@ -184,10 +192,12 @@ def main() -> int:
         boto3.client("s3", endpoint_url=seaweed.endpoint, aws_access_key_id="x", aws_secret_access_key="x",
                      region_name="us-east-1").create_bucket(Bucket="bench-baseline")
         cluster.start_controller()
-        a, b = cluster.add_host("host-a"), cluster.add_host("host-b")
-        cluster.wait_hosts_up(["host-a", "host-b"])
-        a.import_image(WORKLOAD_IMAGE)
-        b.import_image(WORKLOAD_IMAGE)
+        hosts = [cluster.add_host("host-a"), cluster.add_host("host-b")]
+        if "direct-grpc" in args.only:
+            hosts.append(cluster.add_host(SOURCE[GRPC], extra_env={"STASIS_BULK_LISTEN": "off"}))
+        cluster.wait_hosts_up([h.name for h in hosts])
+        for host in hosts:
+            host.import_image(WORKLOAD_IMAGE)
         for mib in args.mib:
             table[mib] = run_size(cluster, seaweed, base, mib, args.rounds, args.only)
     finally:
