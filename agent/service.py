@@ -104,6 +104,9 @@ class AgentService:
         self._page_servers: dict[str, tuple[int, str]] = {}
         self._post_copy_dumps: dict[str, tuple[str, asyncio.Future]] = {}
         self._relays: dict[str, pages.DestinationRelay] = {}
+        # Source: containers whose post-copy dump served every page. Their images here hold no
+        # memory, so they can never be resumed from them.
+        self._memory_left: set[str] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -136,6 +139,7 @@ class AgentService:
             relay.abort(f"{name} was removed on {self.host_name}")
         await self.runtime.remove(name, force)
         self.spool.drop_container(name)
+        self._memory_left.discard(name)
 
     async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
         if not argv or len(argv) > 256:
@@ -172,6 +176,10 @@ class AgentService:
             await asyncio.wait([dumping[1]], timeout=60)
         info = await self.runtime.inspect(name)
         if info.state != "running":
+            if name in self._memory_left:
+                raise FailedPrecondition(f"{name} cannot be resumed on {self.host_name}: its memory left with a "
+                                         f"post-copy migration, and the images here hold none. The migrated "
+                                         f"container is the only copy")
             await self.runtime.resume(name)
             info = await self.runtime.inspect(name)
         return info
@@ -251,6 +259,7 @@ class AgentService:
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")
+        self._memory_left.discard(info.name)   # it runs: the next dump's images are what count
         if direct and leave_running:
             raise InvalidArgument("a direct checkpoint is a migration's: it stops the container")
         if post_copy and not direct:
@@ -374,6 +383,7 @@ class AgentService:
         try:
             stats = await self.runtime.checkpoint_post_copy(info.name, archive, stage, ignore_volumes,
                                                             self._page_servers[ckpt_id][0], images_ready, freezing)
+            self._memory_left.add(info.name)
         finally:
             self._page_servers.pop(ckpt_id, None)
             self._post_copy_dumps.pop(info.name, None)

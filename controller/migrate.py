@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from stasis.controller.service import ControllerService
 
 log = structlog.get_logger("stasis.controller")
+POST_COPY_END = 30.0   # seconds a post-copy rollback waits to learn how the source's dump ended
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -58,6 +59,7 @@ class Migration:
         self.post_copy = post_copy
         self.running_at: float | None = None   # when the destination reported the container runs
         self.freezing_at: float | None = None  # when the source reported its dump beginning
+        self.post_copy_dump: asyncio.Future | None = None   # the source's Checkpoint call, post-copy
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
@@ -209,6 +211,14 @@ class Migration:
             checkpoint_id=ckpt_id, ignore_volumes=self.ignore_volumes, post_copy=True))
         # A failed side is reported by the rollback; the source's dump ends when the rollback resumes it.
         dump.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        def memory_left(t: asyncio.Future) -> None:
+            if not t.cancelled() and t.exception() is None:
+                # The lazy dump ends once every page has been taken: from here the destination's
+                # container is the only copy, and a rollback must not remove it.
+                job.result["memory_left"] = "true"
+        dump.add_done_callback(memory_left)
+        self.post_copy_dump = dump
         try:
             async with self.jobs.phase(job, "checkpoint"):   # until the destination runs
                 waiter = asyncio.ensure_future(running.wait())
@@ -297,6 +307,21 @@ class Migration:
         await self.destination.check_migration(await self.source.describe_for_migration(self.container))
 
     async def rollback(self, job: "Job", cause: StasisError) -> None:
+        if self.post_copy_dump is not None:
+            # What is safe depends on how the source's dump ends: a destination that failed after
+            # its last page can fail before the source's call returns. A dump still serving pages
+            # ends when the source's relay breaks, or when the resume below aborts it.
+            await asyncio.wait([self.post_copy_dump], timeout=POST_COPY_END)
+        if self.post_copy and job.result.get("memory_left") == "true":
+            # The source's images hold no memory (a lazy dump's pages were served, not written): it
+            # cannot be resumed, and removing the destination's container would lose the workload.
+            async with self.jobs.phase(job, "rollback"):
+                pass
+            job.row.error = (f"{cause.message}; not rolled back: every page of {self.container} had left "
+                             f"{self.source.name}, so the container on {self.destination.name} is its only copy. "
+                             f"Check it there ('stasis ps --host {self.destination.name}'); nothing was removed")
+            job.row.state = "failed"
+            return
         async with self.jobs.phase(job, "rollback"):
             problems = []
             if self.restore_started:  # never touch a destination container this job did not start

@@ -46,6 +46,16 @@ class FakeRuntime(Runtime):
             self.containers[name].state = "exited"
         return DumpStats(0.01, {"frozen_time": 5000})
 
+    async def checkpoint_post_copy(self, name, archive, scratch, ignore_volumes, port, images_ready,
+                                   freezing=lambda: None):
+        self.calls.append("checkpoint_post_copy")
+        freezing()
+        with open(archive, "wb") as f:
+            f.write(b"criu-images-without-memory")
+        await images_ready(0.01)
+        self.containers[name].state = "exited"   # every page was taken: the dump ends
+        return DumpStats(0.01, {"frozen_time": 5000})
+
     async def restore(self, archive, name, renamed=True, ignore_volumes=False, pages_port=0, container_id="",
                       pages_dir="", restored=lambda: None):
         self.calls.append("restore")
@@ -132,6 +142,19 @@ async def test_failed_upload_resumes_the_container(agent, repo_url, monkeypatch)
     with pytest.raises(StasisError, match="disk full.*was resumed on host-a"):
         await agent.checkpoint("op1", "web", False, url, "", noop)
     assert agent.runtime.containers["web"].state == "running" and "resume" in agent.runtime.calls
+
+
+async def test_a_container_whose_memory_left_by_post_copy_is_never_resumed_from_its_images(agent, repo_url):
+    await agent.checkpoint("op1", "web", False, repo_url, "", noop, direct=True, post_copy=True)
+    assert agent.runtime.containers["web"].state == "exited"
+    with pytest.raises(FailedPrecondition, match="memory left with a post-copy migration.*only copy"):
+        await agent.resume("web")
+    assert "resume" not in agent.runtime.calls
+    # Once it runs again (restored some other way), its next dump counts instead.
+    agent.runtime.containers["web"].state = "running"
+    await agent.checkpoint("op2", "web", False, repo_url, "", noop)
+    await agent.resume("web")
+    assert "resume" in agent.runtime.calls
 
 
 async def test_restore_refuses_taken_name_and_missing_container(agent, repo_url):

@@ -41,7 +41,8 @@ class FakeAgent:
             raise RuntimeFailure(f"{what} failed on {self.name}")
 
     async def host_info(self):
-        return pb.HostInfo(name=self.name, runtime="podman", criu_version=self.criu)
+        return pb.HostInfo(name=self.name, runtime="podman", criu_version=self.criu,
+                           criu_features={"uffd-noncoop": True})
 
     async def describe_for_migration(self, name):
         return pb.MigrationNeeds(container=name, cpuinfo=b"cpu of " + self.name.encode(), memory_bytes=1 << 20)
@@ -57,9 +58,18 @@ class FakeAgent:
         return pb.Container(id="id-" + name, name=name, state=self.containers[name])
 
     async def checkpoint(self, op_id, container, leave_running, repository, on_progress, direct=False,
-                         checkpoint_id="", ignore_volumes=False):
+                         checkpoint_id="", ignore_volumes=False, post_copy=False):
         self.direct = direct
         await asyncio.sleep(0.01)   # the destination's fetch begins meanwhile
+        if post_copy:   # like CRIU's lazy dump: the archive goes, then memory until the last page
+            on_progress(pb.Progress(phase="dump"))
+            self._outcome().set_result(True)
+            self.serving = asyncio.get_running_loop().create_future()
+            if not await self.serving:   # the resume aborted it: the container runs on here
+                raise RuntimeFailure(f"the post-copy dump on {self.name} was aborted")
+            await asyncio.sleep(0.05)   # CRIU ends a little after its last page left
+            self.containers[container] = "exited"
+            return pb.CheckpointSummary(id=checkpoint_id, host=self.name, container_name=container)
         try:
             self._maybe_fail("checkpoint")
         except RuntimeFailure as exc:
@@ -74,8 +84,18 @@ class FakeAgent:
                                     timings=[pb.PhaseTiming(name="frozen", seconds=0.5)])
 
     async def restore(self, op_id, checkpoint_id, repository, name, on_progress, peer=None, ticket=b"",
-                      ignore_volumes=False):
+                      ignore_volumes=False, post_copy=False, page_ticket=b""):
         self.peer = peer
+        if post_copy:   # runs first; every page then comes from the source
+            await peer._outcome()
+            self.containers[name] = "running"
+            on_progress(pb.Progress(phase="running"))
+            self._maybe_fail("pages")   # lost mid-copy
+            while not hasattr(peer, "serving"):
+                await asyncio.sleep(0.001)
+            peer.serving.set_result(True)
+            self._maybe_fail("restore")   # lost after the last page, before its call returned
+            return pb.RestoreResult(container=pb.Container(name=name, state="running"))
         if peer is not None:   # like the real thing: nothing is restored without the source's seal
             await peer._outcome()
         self._maybe_fail("restore")
@@ -84,6 +104,8 @@ class FakeAgent:
 
     async def resume(self, name):
         self._maybe_fail("resume")
+        if hasattr(self, "serving") and not self.serving.done():
+            self.serving.set_result(False)
         self.containers[name] = "running"
         return pb.Container(name=name, state="running")
 
@@ -100,8 +122,8 @@ def service(tmp_path):
     return ControllerService(Store(str(tmp_path / "c.db")), repo)
 
 
-async def migrate(service, src, dst):
-    job = service.jobs.start("migrate", {}, "", Migration(service, src, dst, "web").run)
+async def migrate(service, src, dst, post_copy=False):
+    job = service.jobs.start("migrate", {}, "", Migration(service, src, dst, "web", post_copy=post_copy).run)
     await job.done.wait()
     return job
 
@@ -179,6 +201,33 @@ async def test_cleanup_failure_after_commit_does_not_undo(service):
     assert job.row.state == "succeeded"
     assert job.result["cleanup"].startswith("failed: remove failed")
     assert dst.containers["web"] == "running"
+
+
+async def test_post_copy_runs_on_the_destination_before_the_source_lets_go(service):
+    src, dst = FakeAgent("a", containers={"web": "running"}), FakeAgent("b")
+    job = await migrate(service, src, dst, post_copy=True)
+    assert job.row.state == "succeeded", job.row.error
+    assert job.result["mode"] == "post-copy" and job.result["memory_left"] == "true"
+    assert "web" not in src.containers and dst.containers["web"] == "running"
+
+
+async def test_post_copy_losing_the_destination_mid_copy_resumes_the_source(service):
+    src, dst = FakeAgent("a", containers={"web": "running"}), FakeAgent("b", fail={"pages"})
+    job = await migrate(service, src, dst, post_copy=True)
+    assert job.row.state == "rolled_back", job.row.error
+    assert src.containers["web"] == "running" and "web" not in dst.containers
+    assert "memory_left" not in job.result
+
+
+async def test_post_copy_failing_after_the_last_page_keeps_the_only_copy(service):
+    """The source's images hold no memory once its lazy dump ended: resuming it cannot work, and
+    removing the destination's container would lose the workload."""
+    src, dst = FakeAgent("a", containers={"web": "running"}), FakeAgent("b", fail={"restore"})
+    job = await migrate(service, src, dst, post_copy=True)
+    assert job.row.state == "failed"
+    assert "not rolled back" in job.row.error and "only copy" in job.row.error and "restore failed" in job.row.error
+    assert dst.containers["web"] == "running" and "remove" not in dst.calls
+    assert "resume" not in src.calls and src.containers["web"] == "exited"
 
 
 async def test_failed_rollback_is_reported_as_failed(service):
