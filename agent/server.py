@@ -109,7 +109,7 @@ class AgentServicer(pb_grpc.AgentServicer):
         return pb.MigrationNeeds(container=request.name, cpuinfo=cpuinfo, memory_bytes=memory)
 
     async def CheckMigration(self, request, context):
-        await self.service.check_migration(request.cpuinfo, request.memory_bytes)
+        await self.service.check_migration(request.cpuinfo, request.memory_bytes, request.pool_pages)
         return pb.CheckMigrationResponse()
 
     async def FetchCheckpoint(self, request, context):

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
 
-from stasis.agent import bulk, failpoints, pages, transfer
+from stasis.agent import bulk, failpoints, pages, pool, transfer
 from stasis.agent.pages import free_loopback_port
 from stasis.agent.podman import check_name
 from stasis.agent.probe import CRIU_RUNDIR, cpuinfo_check, cpuinfo_dump, criu_cache, criu_version, probe
@@ -96,6 +96,7 @@ class AgentService:
         os.makedirs(os.path.join(work_dir, "stage"), mode=0o700, exist_ok=True)
         self.spool = Spool(os.path.join(work_dir, "spool"))
         self.bulk: bulk.Listener | None = None   # direct transfers' bytes, beside gRPC (serve() opens it)
+        self.pools = pool.Pools()   # memory made ready in preflight for a direct migration's pages
         self._ops: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
         self._criu_version = ""
         self._runtime_version = ""
@@ -153,8 +154,9 @@ class AgentService:
         cpuinfo, memory = await asyncio.gather(cpuinfo_dump(self.work_dir), self.runtime.memory_bytes(name))
         return cpuinfo, memory
 
-    async def check_migration(self, cpuinfo: bytes, memory_bytes: int) -> None:
-        """Refuse, before anything is frozen, a migration this host could not complete."""
+    async def check_migration(self, cpuinfo: bytes, memory_bytes: int, pool_pages: bool = False) -> None:
+        """Refuse, before anything is frozen, a migration this host could not complete; with
+        `pool_pages`, ready the memory its pages will be written into (agent/pool.py)."""
         problems = []
         if cpuinfo:
             why = await cpuinfo_check(cpuinfo, self.work_dir)
@@ -167,6 +169,8 @@ class AgentService:
             problems.append(f"{free} bytes free in {self.work_dir}, about {needed} needed")
         if problems:
             raise FailedPrecondition(f"{self.host_name} cannot take this container: " + "; ".join(problems))
+        if pool_pages:
+            await self.pools.prepare(await self.runtime.pages_landing(), memory_bytes)
 
     async def resume(self, name: str) -> ContainerInfo:
         self.spool.drop_container(name)   # a rolled-back migration: nobody will fetch it now
@@ -503,7 +507,7 @@ class AgentService:
         timings: dict[str, float] = {}
         image_task = None
         relay = None
-        pages_dir = ""
+        pages_dir = taken = ""
         try:
             stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
             if need_image and (receiver is None or manifest.image is not None):
@@ -516,10 +520,11 @@ class AgentService:
             if landing:
                 # The pages are written where CRIU will read them, not unpacked again by the runtime.
                 pages_dir = tempfile.mkdtemp(prefix=f"{manifest.id}-", dir=landing)
+                taken = self.pools.take()
             if receiver is not None:
                 emit("transfer", f"receiving the archive from {receiver.peer} as it is written", 0, 0)
                 # Hashed as it arrives; the source's signed seal is checked before the runtime runs.
-                seal = await receiver.archive(archive, lambda d: emit("transfer", "", d, 0), pages_dir)
+                seal = await receiver.archive(archive, lambda d: emit("transfer", "", d, 0), pages_dir, taken)
                 timings["transfer"] = time.monotonic() - started
                 if pages_dir:
                     log.info("memory pages written beside the archive, for CRIU to read in place",
@@ -584,6 +589,7 @@ class AgentService:
             for folder in (stage, pages_dir):
                 if folder:
                     await asyncio.to_thread(shutil.rmtree, folder, True)
+            await asyncio.to_thread(pool.drop, taken)   # what is left of it: the pool's folder
             if lock is not None:
                 await asyncio.to_thread(lock.release)
 

@@ -42,9 +42,13 @@ class PagesSplitter:
     joined) go to `pages_dir`/pages-N.img, everything else (headers included) to the file `fd`, so that it is
     again a well-formed archive without them."""
 
-    def __init__(self, fd: int, pages_dir: str, whole: bool = True):
-        """`whole`: a page file that comes as one member goes aside too (else only parts do)."""
+    def __init__(self, fd: int, pages_dir: str, whole: bool = True, pool: str = ""):
+        """`whole`: a page file that comes as one member goes aside too (else only parts do).
+        `pool`: a file in `pages_dir`'s filesystem whose pages the kernel holds already (pool.py);
+        the first page file takes it over, so that writing it copies memory instead of allocating it."""
         self.fd = fd
+        self.pool = pool
+        self._pooled = ""
         self.whole = whole
         self.pages_dir = pages_dir
         self.pages: dict[str, int] = {}   # page file -> bytes written so far, in order of arrival
@@ -82,6 +86,8 @@ class PagesSplitter:
         self._close_aside()
         if self._left or self._pad or self._header or self._held:
             raise SplitError("the archive ended in the middle of a member")
+        if self._pooled:   # the pool was sized from the container's memory, not from this file
+            os.truncate(os.path.join(self.pages_dir, self._pooled), self.pages[self._pooled])
         return list(self.pages)
 
     def _begin(self, block: bytes) -> None:
@@ -109,8 +115,13 @@ class PagesSplitter:
                         or page in self._kept):
                     raise SplitError(f"{name} does not continue {page} (it holds {self.pages.get(page, 0)} bytes)")
                 self._held.clear()   # they described this member only
-                flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if page not in self.pages else 0)
-                self._aside = os.open(os.path.join(self.pages_dir, page), flags, 0o600)
+                path = os.path.join(self.pages_dir, page)
+                flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if page not in self.pages else 0)
+                if page not in self.pages and self.pool and not os.path.lexists(path):
+                    os.rename(self.pool, path)
+                    self.pool, self._pooled, flags = "", page, os.O_WRONLY
+                self._aside = os.open(path, flags, 0o600)
+                os.lseek(self._aside, start, os.SEEK_SET)   # parts come in order (checked above)
                 self.pages[page] = start + size
                 self._into = "aside"
             else:

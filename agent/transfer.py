@@ -366,7 +366,7 @@ class Receiver:
         self.raw_offer, self.manifest = first.offer, manifest
         return manifest
 
-    async def archive(self, path: str, emit: Callable[[int], None], pages_dir: str = "") -> dict:
+    async def archive(self, path: str, emit: Callable[[int], None], pages_dir: str = "", pool: str = "") -> dict:
         """Write the archive to `path`; returns the verified seal (size, image to ship). With
         `pages_dir`, CRIU's pages-*.img go there instead (tar_split); without, any sent in parts are
         joined into the archive, whole, once the seal is verified. The seal covers the stream as it was sent."""
@@ -376,7 +376,7 @@ class Receiver:
         offered = False   # the bulk channel, at most once and before any byte
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         joined = "" if pages_dir else tempfile.mkdtemp(prefix="pages-", dir=os.path.dirname(path) or ".")
-        splitter = PagesSplitter(fd, pages_dir or joined, whole=bool(pages_dir))
+        splitter = PagesSplitter(fd, pages_dir or joined, whole=bool(pages_dir), pool=pool if pages_dir else "")
         write = splitter.feed
         # The stream is read ahead of the disk by a task of its own, so that the network and the
         # disk work at the same time (HTTP/2's flow control never waits on a write).

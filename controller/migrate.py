@@ -304,7 +304,10 @@ class Migration:
         except NotFound:
             pass
         # CPU compatibility (CRIU's own check) and room for the checkpoint, on the destination.
-        await self.destination.check_migration(await self.source.describe_for_migration(self.container))
+        needs = await self.source.describe_for_migration(self.container)
+        # Pages land in files on the destination only in a direct stop-and-copy migration.
+        needs.pool_pages = self.transfer == "direct" and not self.post_copy
+        await self.destination.check_migration(needs)
 
     async def rollback(self, job: "Job", cause: StasisError) -> None:
         if self.post_copy_dump is not None:

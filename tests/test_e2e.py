@@ -85,6 +85,11 @@ def test_migrate_moves_memory_and_open_file_in_new_directory(cluster):
     with open(os.path.join(cluster.base, "agent-host-a.log")) as f:
         sent = [line for line in f if job["result"]["checkpoint_id"] in line and "sent to peer" in line]
     assert sent and "channel=bulk" in sent[0], sent
+    # Preflight readied the destination's memory for the pages (agent/pool.py), and the restore
+    # took it over: its folder is gone with the restore's.
+    with open(os.path.join(cluster.base, "agent-host-b.log")) as f:
+        assert any("page pool ready" in line for line in f)
+    assert not [n for n in os.listdir(os.path.join(b.root, "lib", "stasis-pages")) if n.startswith("pool-")]
 
 
 def test_migrating_via_the_repository_keeps_a_backup(cluster):

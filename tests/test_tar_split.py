@@ -118,3 +118,27 @@ def test_a_sparse_page_file_stays_in_the_archive(tmp_path):
     raw = pax.tobuf(tarfile.USTAR_FORMAT) + record + bytes(-len(record) % 512) + member.tobuf() + bytes(1024)
     rest, names = _split(raw, [700], str(tmp_path))
     assert names == [] and rest == raw
+
+
+def test_the_first_page_file_takes_over_a_pool_and_keeps_only_its_own_bytes(tmp_path):
+    """A pool (agent/pool.py) larger than the pages is taken over by the first page file, in parts
+    written in place and cut to size; the next page file is a file of its own."""
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    pool = pages / "pool"
+    pool.write_bytes(b"\xee" * (5 << 20))
+    inode = os.stat(pool).st_ino
+    first, second = os.urandom(3 << 20), os.urandom(5000)
+    raw = _archive([("checkpoint/pages-1.img.part-0", first[:1 << 20]),
+                    ("checkpoint/pages-1.img.part-1048576", first[1 << 20:]),
+                    ("checkpoint/pages-2.img", second)], tarfile.PAX_FORMAT)
+    fd = os.open(tmp_path / "rest.tar", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        splitter = PagesSplitter(fd, str(pages), pool=str(pool))
+        for at in range(0, len(raw), 70_000):
+            splitter.feed(raw[at:at + 70_000])
+        assert splitter.close() == ["pages-1.img", "pages-2.img"]
+    finally:
+        os.close(fd)
+    assert not pool.exists() and os.stat(pages / "pages-1.img").st_ino == inode
+    assert (pages / "pages-1.img").read_bytes() == first and (pages / "pages-2.img").read_bytes() == second

@@ -156,14 +156,16 @@ class PageBytes(_message.Message):
     def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., data: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
 
 class MigrationNeeds(_message.Message):
-    __slots__ = ("container", "cpuinfo", "memory_bytes")
+    __slots__ = ("container", "cpuinfo", "memory_bytes", "pool_pages")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     CPUINFO_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_PAGES_FIELD_NUMBER: _ClassVar[int]
     container: str
     cpuinfo: bytes
     memory_bytes: int
-    def __init__(self, container: _Optional[str] = ..., cpuinfo: _Optional[bytes] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    pool_pages: bool
+    def __init__(self, container: _Optional[str] = ..., cpuinfo: _Optional[bytes] = ..., memory_bytes: _Optional[int] = ..., pool_pages: _Optional[bool] = ...) -> None: ...
 
 class CheckMigrationResponse(_message.Message):
     __slots__ = ()
