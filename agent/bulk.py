@@ -25,6 +25,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from typing import Iterator
 
 import structlog
@@ -143,7 +144,8 @@ class Listener:
         while not self._closed:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
+            except OSError:   # out of descriptors, say: do not spin
+                time.sleep(0.1)
                 continue
             if not self._slots.acquire(blocking=False):
                 conn.close()

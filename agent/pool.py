@@ -25,6 +25,7 @@ MIN_SIZE = 16 << 20        # smaller containers' pages are written fast enough a
 MAX_SHARE = 0.5            # of the memory available now: a pool never pushes the host into reclaim
 TTL = 600.0                # seconds a pool waits for its restore (a migration that never came)
 READ = 4 << 20             # bytes per read while the cache fills
+BUDGET = 20.0              # seconds of preflight a pool may take; the pages beyond are allocated as written
 
 
 def available_memory() -> int:
@@ -35,13 +36,14 @@ def available_memory() -> int:
     return 0
 
 
-def warm(path: str, size: int) -> None:
-    """A file of `size` bytes whose pages are all in the page cache (blocking)."""
+def warm(path: str, size: int, budget: float = BUDGET) -> None:
+    """A file of `size` bytes whose pages are in the page cache, as many as `budget` seconds allow
+    (blocking)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.posix_fallocate(fd, 0, size)   # blocks reserved, nothing written: reads give zero pages
-        buf = bytearray(READ)
-        while os.readv(fd, [buf]) > 0:
+        buf, deadline = bytearray(READ), time.monotonic() + budget
+        while os.readv(fd, [buf]) > 0 and time.monotonic() < deadline:
             pass
     finally:
         os.close(fd)

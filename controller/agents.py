@@ -115,7 +115,8 @@ class AgentClient:
         return await self._call(self.stub.DescribeForMigration, pb.InspectContainerRequest(name=name))
 
     async def check_migration(self, needs: pb.MigrationNeeds) -> None:
-        await self._call(self.stub.CheckMigration, needs)
+        # CRIU's cpuinfo check, and the page pool (at most pool.BUDGET seconds).
+        await self._call(self.stub.CheckMigration, needs, timeout=60.0)
 
     async def resume(self, name: str) -> pb.Container:
         return await self._call(self.stub.Resume, pb.ResumeRequest(name=name), timeout=LONG)

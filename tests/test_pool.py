@@ -39,3 +39,9 @@ async def test_a_pool_that_cannot_be_made_or_is_never_taken_leaves_nothing(tmp_p
     assert path
     pools.expire(ttl=0)   # a migration that never came
     assert pools.take() == "" and os.listdir(tmp_path) == []
+
+
+def test_warming_stops_at_its_budget_and_the_file_keeps_its_size(tmp_path):
+    path = str(tmp_path / "pages")
+    pool.warm(path, 64 << 20, budget=0)
+    assert os.path.getsize(path) == 64 << 20
