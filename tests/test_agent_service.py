@@ -25,6 +25,10 @@ class FakeRuntime(Runtime):
         self.images = {IMAGE_ID}
         self.calls: list[str] = []
         self.archives: dict[str, bytes] = {}
+        self.landing = ""
+
+    async def pages_landing(self):
+        return self.landing
 
     async def version(self):
         return "4.3.1"
@@ -155,6 +159,16 @@ async def test_a_container_whose_memory_left_by_post_copy_is_never_resumed_from_
     await agent.checkpoint("op2", "web", False, repo_url, "", noop)
     await agent.resume("web")
     assert "resume" in agent.runtime.calls
+
+
+async def test_preflight_of_a_direct_migration_readies_memory_for_its_pages(agent, tmp_path):
+    agent.runtime.landing = str(tmp_path / "landing")
+    os.makedirs(agent.runtime.landing)
+    await agent.check_migration(b"", 40 << 20)   # another mode: no pool
+    assert agent.pools.take() == ""
+    await agent.check_migration(b"", 40 << 20, pool_pages=True)
+    made = agent.pools.take()
+    assert os.path.dirname(os.path.dirname(made)) == agent.runtime.landing and os.path.getsize(made) == 40 << 20
 
 
 async def test_restore_refuses_taken_name_and_missing_container(agent, repo_url):

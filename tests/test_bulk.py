@@ -33,6 +33,14 @@ def agent(ca: Authority, name: str) -> Transport:
     return Transport(ca.bundle_path("agent", name))
 
 
+@pytest.fixture
+def listener(pki):
+    """host-a's listener, with a deny list of its own."""
+    source = bulk.Listener(agent(pki[0], "host-a"), "127.0.0.1:0", DenyList())
+    yield source
+    source.close()
+
+
 async def connect(listener: bulk.Listener, dialer: Transport, expect: str, shown: bytes | None = None,
                   server: str = "host-a"):
     """(the dialer's socket or its error, the waiting transfer's socket or error)."""
@@ -50,79 +58,62 @@ async def connect(listener: bulk.Listener, dialer: Transport, expect: str, shown
     return dialed, got
 
 
-async def test_the_expected_agent_with_the_token_gets_a_channel_that_carries_frames(pki):
+async def test_the_expected_agent_with_the_token_gets_a_channel_that_carries_frames(pki, listener):
     ca, _ = pki
-    listener = bulk.Listener(agent(ca, "host-a"), "127.0.0.1:0")
-    try:
-        dialed, got = await connect(listener, agent(ca, "host-b"), "host-b")
-        assert isinstance(got, socket.socket) and isinstance(dialed, socket.socket)
-        payload = os.urandom(bulk.MAX_FRAME)
+    dialed, got = await connect(listener, agent(ca, "host-b"), "host-b")
+    assert isinstance(got, socket.socket) and isinstance(dialed, socket.socket)
+    payload = os.urandom(bulk.MAX_FRAME)
 
-        def send():
-            bulk.send_frame(got, bulk.KEEPALIVE)
-            bulk.send_frame(got, bulk.DATA, payload)
-            bulk.send_frame(got, bulk.ZSTD, b"z" * 10)
-            bulk.send_frame(got, bulk.END)
+    def send():
+        bulk.send_frame(got, bulk.KEEPALIVE)
+        bulk.send_frame(got, bulk.DATA, payload)
+        bulk.send_frame(got, bulk.ZSTD, b"z" * 10)
+        bulk.send_frame(got, bulk.END)
 
-        sender = asyncio.ensure_future(asyncio.to_thread(send))
-        frames = await asyncio.to_thread(lambda: list(bulk.frames(dialed, "agent host-a")))
-        await sender
-        assert frames == [(bulk.DATA, payload), (bulk.ZSTD, b"z" * 10)]
-        bulk.shut(got)
-        bulk.shut(dialed)
-    finally:
-        listener.close()
+    sender = asyncio.ensure_future(asyncio.to_thread(send))
+    frames = await asyncio.to_thread(lambda: list(bulk.frames(dialed, "agent host-a")))
+    await sender
+    assert frames == [(bulk.DATA, payload), (bulk.ZSTD, b"z" * 10)]
+    bulk.shut(got)
+    bulk.shut(dialed)
 
 
-async def test_the_right_token_from_another_agent_stops_the_transfer(pki):
+async def test_the_right_token_from_another_agent_stops_the_transfer(pki, listener):
     ca, _ = pki
-    listener = bulk.Listener(agent(ca, "host-a"), "127.0.0.1:0")
-    try:
-        dialed, got = await connect(listener, agent(ca, "host-c"), "host-b")
-        assert isinstance(got, PermissionDenied) and "agent:host-c" in str(got) and "agent:host-b" in str(got)
-        # The dialer learns nothing but a closed channel.
-        with pytest.raises(bulk.Unavailable):
-            list(bulk.frames(dialed, "agent host-a"))
-    finally:
-        listener.close()
+    dialed, got = await connect(listener, agent(ca, "host-c"), "host-b")
+    assert isinstance(got, PermissionDenied) and "agent:host-c" in str(got) and "agent:host-b" in str(got)
+    # The dialer learns nothing but a closed channel.
+    with pytest.raises(bulk.Unavailable):
+        list(bulk.frames(dialed, "agent host-a"))
 
 
-async def test_a_wrong_token_or_a_revoked_or_foreign_certificate_gets_nothing(pki):
+async def test_a_wrong_token_or_a_revoked_or_foreign_certificate_gets_nothing(pki, listener):
     ca, stranger = pki
-    deny = DenyList()
-    listener = bulk.Listener(agent(ca, "host-a"), "127.0.0.1:0", deny)
-    try:
-        dialed, got = await connect(listener, agent(ca, "host-b"), "host-b", shown=b"x" * bulk.TOKEN)
-        assert got is None
+    dialed, got = await connect(listener, agent(ca, "host-b"), "host-b", shown=b"x" * bulk.TOKEN)
+    assert got is None
+    with pytest.raises(bulk.Unavailable):
+        list(bulk.frames(dialed, "agent host-a"))
+    # A certificate from another CA fails the handshake: the server never reads a token.
+    foreign = Transport(stranger.bundle_path("agent", "host-b"))
+    dialed, got = await connect(listener, foreign, "host-b")
+    assert got is None
+    if isinstance(dialed, socket.socket):   # TLS 1.3: the client may finish before the server refuses
         with pytest.raises(bulk.Unavailable):
             list(bulk.frames(dialed, "agent host-a"))
-        # A certificate from another CA fails the handshake: the server never reads a token.
-        foreign = Transport(stranger.bundle_path("agent", "host-b"))
-        dialed, got = await connect(listener, foreign, "host-b")
-        assert got is None
-        if isinstance(dialed, socket.socket):   # TLS 1.3: the client may finish before the server refuses
-            with pytest.raises(bulk.Unavailable):
-                list(bulk.frames(dialed, "agent host-a"))
-        b = agent(ca, "host-b")
-        deny.replace([convert.revocation(pb.Revocation(serial=f"{b.identity.serial:x}"))])
-        dialed, got = await connect(listener, b, "host-b")
-        assert isinstance(got, PermissionDenied) and "revoked" in str(got)
-    finally:
-        listener.close()
+    b = agent(ca, "host-b")
+    listener.deny.replace([convert.revocation(pb.Revocation(serial=f"{b.identity.serial:x}"))])
+    dialed, got = await connect(listener, b, "host-b")
+    assert isinstance(got, PermissionDenied) and "revoked" in str(got)
 
 
-async def test_the_dialer_checks_the_source_is_the_agent_it_meant(pki):
+async def test_the_dialer_checks_the_source_is_the_agent_it_meant(pki, listener):
     ca, _ = pki
-    listener = bulk.Listener(agent(ca, "host-a"), "127.0.0.1:0")
-    try:
-        dialed, got = await connect(listener, agent(ca, "host-b"), "host-b", server="host-c")
-        assert isinstance(dialed, bulk.Unavailable) and "TLS" in str(dialed) and got is None
-        with pytest.raises(IntegrityError, match="malformed bulk channel"):
-            bulk.dial(agent(ca, "host-b"), "127.0.0.1", 0, agent_server_name("host-a"), b"t" * bulk.TOKEN)
-        with pytest.raises(bulk.Unavailable, match="cannot connect"):
-            bulk.dial(agent(ca, "host-b"), "127.0.0.1", 1, agent_server_name("host-a"), b"t" * bulk.TOKEN)
-    finally:
-        listener.close()
+    dialed, got = await connect(listener, agent(ca, "host-b"), "host-b", server="host-c")
+    assert isinstance(dialed, bulk.Unavailable) and "TLS" in str(dialed) and got is None
+    with pytest.raises(IntegrityError, match="malformed bulk channel"):
+        bulk.dial(agent(ca, "host-b"), "127.0.0.1", 0, agent_server_name("host-a"), b"t" * bulk.TOKEN)
+    with pytest.raises(bulk.Unavailable, match="cannot connect"):
+        bulk.dial(agent(ca, "host-b"), "127.0.0.1", 1, agent_server_name("host-a"), b"t" * bulk.TOKEN)
 
 
 @pytest.mark.parametrize("header,problem", [
