@@ -1,11 +1,13 @@
-"""Direct migration: checkpoints move from the source agent to the destination agent over one
-mutually authenticated gRPC stream, without the repository round trip.
+"""Direct migration: checkpoints move from the source agent to the destination agent, mutually
+authenticated, without the repository round trip.
 
 The source writes the archive into its spool; the destination, holding a ticket the controller
-signed, fetches it while it is still being written. The stream is: an offer (the checkpoint's
+signed, fetches it while it is still being written. The gRPC stream is: an offer (the checkpoint's
 manifest, signed by the source like any manifest), the archive's bytes, and a seal the source signs
-at the end over the archive's size, BLAKE3 hash and the image to load. The destination verifies
-the offer before it acts on it and the seal before a byte of the archive reaches the runtime.
+at the end over the archive's size, BLAKE3 hash and the image to load. The bytes may instead take
+the bulk channel (bulk.py), announced in the stream; the seal covers them all the same. The
+destination verifies the offer before it acts on it and the seal before a byte of the archive
+reaches the runtime.
 """
 
 from __future__ import annotations

@@ -22,12 +22,12 @@ Downtime runs, in every row alike, from the moment CRIU freezes the container (i
 turns traced: stasis.agent.freeze) to the moment CRIU's restore resumes the processes (the marker
 CRIU's action script leaves, scripts/criu/actions.sh). podman's and runc's work before the freeze
 and after the resume are not downtime, for podman's rows as for stasis's. Every row starts after a
-sync, with no dirty data left by the row before, and with the page cache of the S3 store's files
-dropped: without that, the GiBs earlier rows stored fill the cache, every page allocated after
-goes through reclaim, and the rows that write memory twice (stasis direct: CRIU's dump, then the
-destination's copy) slow from round to round (seen here: direct 1.23x the floor on its own, 1.8x
-after the baseline and repository rows). Figures are medians over the rounds; these machines are
-shared and noisy, so read the ratios.
+sync, with no dirty data left by the row before. Figures are medians over the rounds; these
+machines are shared and noisy, so read the ratios. Memory matters as much as CPU here: writing a
+GiB into fresh page cache took 0.2-2 s on this VM depending on what ran before, and a direct
+migration writes memory twice (CRIU's dump, the destination's copy) where the floor writes it
+once. With only the floor, direct and post-copy rows (`--only`), direct came to 1.2x the floor;
+after the baseline and repository rows, which churn GiBs of files each round, 1.5-1.8x.
 
     python bench/migrate_vs_podman.py [--mib 64 1024 4096] [--rounds 3]
 """
@@ -155,18 +155,6 @@ def stasis(cluster: Cluster, name: str, *extra: str, source: str = "host-a") -> 
             "downtime": job["downtime_seconds"]}
 
 
-def evict(folder: str) -> None:
-    """Drop the page cache of every file under `folder` (written back already: os.sync)."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-
-
 def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: int,
              only: list[str]) -> dict[str, dict]:
     b = cluster.hosts["host-b"]
@@ -184,10 +172,6 @@ def run_size(cluster: Cluster, seaweed: SeaweedFS, base: str, mib: int, rounds: 
             # Every row starts with no dirty data left by the row before (the baseline writes GiBs):
             # otherwise whichever row follows it is throttled by that write-back, not by itself.
             os.sync()
-            # Nor with the page cache full of the S3 objects earlier rows stored: on this VM every
-            # page then allocated goes through reclaim, and a row that writes memory twice (dump,
-            # then the destination's copy) pays that twice. Only this benchmark's own files.
-            evict(seaweed.data_dir)
             time.sleep(0.5)
             res = method(name)
             results[label].append(res)
