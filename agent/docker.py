@@ -28,6 +28,7 @@ from typing import Any, Callable
 import docker
 import docker.errors
 import structlog
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from stasis.agent import freeze
 from stasis.agent.podman import check_name
@@ -40,6 +41,10 @@ CHECKPOINT_PREFIX = "stasis-"
 COMMIT_REPO = "localhost/stasis-checkpoint"
 _ARCHIVE_MEMBERS = ("config.json", "image.tar")
 _MAX_CONFIG = 4 << 20
+
+
+def _content_exists(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeFailure) and "already exists" in exc.message
 
 
 class DockerRuntime(Runtime):
@@ -209,7 +214,7 @@ class DockerRuntime(Runtime):
             await asyncio.to_thread(shutil.move, os.path.join(stage, "checkpoint"), target)
             mark = time.monotonic()
             try:
-                await self._call(self._post_start, cid, ckpt)
+                await self._start_from_checkpoint(cid, ckpt, name)
             except RuntimeFailure as exc:
                 await self._call(api.remove_container, cid, force=True)
                 raise RuntimeFailure(f"CRIU could not restore {name}: {exc.message}") from None
@@ -217,6 +222,18 @@ class DockerRuntime(Runtime):
             return RestoreStats(time.monotonic() - started, cid, {}, phases)
         finally:
             await asyncio.to_thread(shutil.rmtree, stage, True)
+
+    async def _start_from_checkpoint(self, cid: str, ckpt: str, name: str) -> None:
+        # containerd refuses the checkpoint's upload with "content ... already exists" while the blob
+        # its own dump made (the same tar, byte for byte) waits for garbage collection: soon after the
+        # dump, as in a quick rollback (moby issue 42900; twice in CI). It goes within seconds.
+        async for attempt in AsyncRetrying(retry=retry_if_exception(_content_exists), reraise=True,
+                                           stop=stop_after_attempt(6), wait=wait_exponential(0.25, max=4)):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("docker refused the checkpoint's content as already present; starting again",
+                                container=name, attempt=attempt.retry_state.attempt_number)
+                await self._call(self._post_start, cid, ckpt)
 
     def _post_start(self, cid: str, ckpt: str) -> None:
         api = self._api()
@@ -231,16 +248,7 @@ class DockerRuntime(Runtime):
         names = [i.get("Name", "") for i in res or [] if i.get("Name", "").startswith(CHECKPOINT_PREFIX)]
         if not names:
             raise RuntimeFailure(f"{name} has no stasis checkpoint to resume from")
-        try:
-            await self._call(self._post_start, c["Id"], names[-1])
-        except RuntimeFailure as exc:
-            # containerd sometimes refuses the checkpoint's upload with "content ... already exists"
-            # (seen in CI during a rollback): the content is there by then, and a second start works.
-            if "already exists" not in exc.message:
-                raise
-            log.warning("docker refused the checkpoint's content as already present; starting again",
-                        container=name)
-            await self._call(self._post_start, c["Id"], names[-1])
+        await self._start_from_checkpoint(c["Id"], names[-1], name)
 
     async def remove(self, name: str, force: bool = False) -> None:
         try:

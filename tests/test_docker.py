@@ -87,3 +87,25 @@ def test_hostile_members_are_refused_before_extraction(tmp_path, member):
 def test_config_must_name_our_own_checkpoint_and_image(tmp_path, config):
     with pytest.raises(IntegrityError, match="config.json"):
         _extract_archive(archive(tmp_path, [], config), str(tmp_path / "x"))
+
+
+async def test_a_start_refused_for_content_already_present_is_tried_again_and_other_errors_are_not(monkeypatch):
+    """containerd's 'content ... already exists' after a fresh dump goes once its garbage collector
+    ran (moby issue 42900): the start is tried again, with a short backoff; any other error is final."""
+    from stasis.agent import docker as driver
+    from stasis.errors import RuntimeFailure
+
+    runtime = driver.DockerRuntime()
+    outcomes = [RuntimeFailure("docker: failed to upload checkpoint to containerd: commit failed: content "
+                               "sha256:0751: already exists")] * 2 + [None]
+
+    def start(cid, ckpt):
+        if (outcome := outcomes.pop(0)) is not None:
+            raise outcome
+    monkeypatch.setattr(runtime, "_post_start", start)
+    await runtime._start_from_checkpoint("c" * 64, "stasis-1", "web")
+    assert outcomes == []
+    outcomes[:] = [RuntimeFailure("docker: criu failed"), None]
+    with pytest.raises(RuntimeFailure, match="criu failed"):
+        await runtime._start_from_checkpoint("c" * 64, "stasis-1", "web")
+    assert outcomes == [None]
