@@ -116,11 +116,11 @@ class PagesSplitter:
                     raise SplitError(f"{name} does not continue {page} (it holds {self.pages.get(page, 0)} bytes)")
                 self._held.clear()   # they described this member only
                 path = os.path.join(self.pages_dir, page)
-                flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if page not in self.pages else 0)
-                if page not in self.pages and self.pool and not os.path.lexists(path):
+                fresh = page not in self.pages
+                if fresh and self.pool and not os.path.lexists(path):
                     os.rename(self.pool, path)
-                    self.pool, self._pooled, flags = "", page, os.O_WRONLY
-                self._aside = os.open(path, flags, 0o600)
+                    self.pool, self._pooled, fresh = "", page, False
+                self._aside = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_EXCL if fresh else 0), 0o600)
                 os.lseek(self._aside, start, os.SEEK_SET)   # parts come in order (checked above)
                 self.pages[page] = start + size
                 self._into = "aside"

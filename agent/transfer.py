@@ -171,14 +171,15 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str, compress: bool
     digest = blake3.blake3()   # one thread: its helpers would only take cores from CRIU and the stream
     ended = threading.Event()   # the dump's end, for threads
     outcome.add_done_callback(lambda _f: ended.set())
-    corrupt = "transfer.corrupt_byte" in failpoints.armed()   # tests: damage in transit
-    started, stats = time.monotonic(), {"size": 0, "wire": 0, "messages": 0, "dump_ended": 0.0}
+    started = time.monotonic()
+    stats = {"size": 0, "wire": 0, "messages": 0, "dump_ended": 0.0,
+             "corrupt": "transfer.corrupt_byte" in failpoints.armed()}   # tests: damage in transit
     f = SplicedReader(archive)
     try:
         if sock is not None:
-            await _in_thread(_pump, sock, f, digest, ended, compress, corrupt, stats)
+            await _in_thread(_pump, sock, f, digest, ended, compress, stats)
         else:
-            async for msg in _messages(f, digest, outcome, compress, corrupt, stats):
+            async for msg in _messages(f, digest, outcome, compress, stats):
                 yield msg
     finally:
         bulk.shut(sock)
@@ -211,8 +212,15 @@ async def _in_thread(fn, sock, *args):
         raise
 
 
-def _pump(sock, f: SplicedReader, digest, ended: threading.Event, compress: bool, corrupt: bool,
-          stats: dict) -> None:
+def _counted(data: bytes, stats: dict) -> bytes:
+    """A chunk read for sending, counted; the corrupt-byte failpoint damages the second one."""
+    stats["size"] += len(data)
+    if stats["corrupt"] and stats["size"] > len(data):
+        data, stats["corrupt"] = bytes([data[0] ^ 0xFF]) + data[1:], False
+    return data
+
+
+def _pump(sock, f: SplicedReader, digest, ended: threading.Event, compress: bool, stats: dict) -> None:
     """Bulk channel, source: read, hash and send the archive as it grows, then END. One thread does
     it all; the peer's thread writes while this one reads, and the TLS work releases the GIL."""
     quiet = time.monotonic()
@@ -230,9 +238,7 @@ def _pump(sock, f: SplicedReader, digest, ended: threading.Event, compress: bool
                 quiet = time.monotonic()
             time.sleep(POLL)
             continue
-        stats["size"] += len(data)
-        if corrupt and stats["size"] > len(data):
-            data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
+        data = _counted(data, stats)
         kind, payload = (bulk.DATA, data)
         if compress:
             msg = _frame(data)
@@ -243,7 +249,7 @@ def _pump(sock, f: SplicedReader, digest, ended: threading.Event, compress: bool
     bulk.send_frame(sock, bulk.END)
 
 
-async def _messages(f: SplicedReader, digest, outcome: asyncio.Future, compress: bool, corrupt: bool,
+async def _messages(f: SplicedReader, digest, outcome: asyncio.Future, compress: bool,
                     stats: dict) -> AsyncIterator[pb.TransferChunk]:
     """gRPC, source: a task reads and hashes a few chunks ahead of the one on the wire (measured:
     reading, hashing and sending one after the other held a GiB to ~400 MB/s here); compressed
@@ -251,7 +257,6 @@ async def _messages(f: SplicedReader, digest, outcome: asyncio.Future, compress:
     ahead: asyncio.Queue = asyncio.Queue(maxsize=AHEAD)
 
     async def produce() -> None:
-        nonlocal corrupt
         try:
             while True:
                 finished = outcome.done()
@@ -264,9 +269,7 @@ async def _messages(f: SplicedReader, digest, outcome: asyncio.Future, compress:
                         break
                     await asyncio.sleep(POLL)
                     continue
-                stats["size"] += len(data)
-                if corrupt and stats["size"] > len(data):
-                    data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
+                data = _counted(data, stats)
                 if compress:
                     await ahead.put(asyncio.ensure_future(asyncio.to_thread(_frame, data)))
                 else:

@@ -209,13 +209,11 @@ class Migration:
         dump = asyncio.ensure_future(self.source.checkpoint(
             job.id, self.container, False, self.service.repository.url, self._source_progress(job), direct=True,
             checkpoint_id=ckpt_id, ignore_volumes=self.ignore_volumes, post_copy=True))
-        # A failed side is reported by the rollback; the source's dump ends when the rollback resumes it.
-        dump.add_done_callback(lambda t: t.cancelled() or t.exception())
-
         def memory_left(t: asyncio.Future) -> None:
+            # A failed side is reported by the rollback; the source's dump ends when the rollback
+            # resumes it. A lazy dump that succeeded ended once every page had been taken: from
+            # there the destination's container is the only copy, and a rollback must not remove it.
             if not t.cancelled() and t.exception() is None:
-                # The lazy dump ends once every page has been taken: from here the destination's
-                # container is the only copy, and a rollback must not remove it.
                 job.result["memory_left"] = "true"
         dump.add_done_callback(memory_left)
         self.post_copy_dump = dump
