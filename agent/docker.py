@@ -23,7 +23,7 @@ import shutil
 import tarfile
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import docker
 import docker.errors
@@ -158,7 +158,8 @@ class DockerRuntime(Runtime):
                 f.write(piece)
 
     async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str, ignore_volumes: bool = False,
-                                      freezing: Callable[[], None] = lambda: None) -> DumpStats:
+                                      freezing: Callable[[], None] = lambda: None,
+                                      archived: Callable[[], Awaitable[None]] | None = None) -> DumpStats:
         # Downtime counts from CRIU's freeze, not from the API call: containerd and runc prepare first.
         c = await self._call(self._api().inspect_container, check_name(name))
         dump = asyncio.ensure_future(self.checkpoint(name, archive, False, ignore_volumes))

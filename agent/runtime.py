@@ -93,13 +93,16 @@ class Runtime(abc.ABC):
         return ""
 
     async def checkpoint_for_transfer(self, name: str, archive: str, scratch: str, ignore_volumes: bool = False,
-                                      freezing: Callable[[], None] = lambda: None) -> DumpStats:
+                                      freezing: Callable[[], None] = lambda: None,
+                                      archived: Callable[[], Awaitable[None]] | None = None) -> DumpStats:
         """A migration's stopping dump into `archive`, which a peer reads as it grows; returns once the
-        archive is complete. It may leave members' data in their own files (spliced_archive), which
-        must stay until the peer has read them or the container is resumed or removed. `scratch`: a
-        folder for the engine's own leftovers. `freezing()`: called once, when the engine starts the
-        dump that freezes the container (downtime counts from there). By default, the engine's own
-        export."""
+        archive is complete and the engine is done. It may leave members' data in their own files
+        (spliced_archive), which must stay until the peer has read them or the container is resumed
+        or removed. `scratch`: a folder for the engine's own leftovers. `freezing()`: called once, when
+        the engine starts the dump that freezes the container (downtime counts from there).
+        `archived()`: awaited if the archive is complete before the engine has finished its own work
+        (the peer may restore meanwhile); the call still fails if the engine then does. By default,
+        the engine's own export."""
         freezing()
         return await self.checkpoint(name, archive, False, ignore_volumes)
 

@@ -313,9 +313,16 @@ class AgentService:
                 stats, size = await self._dump_post_copy(info, ckpt_id, archive, stage, ignore_volumes, image_task,
                                                          emit, freezing)
             elif direct:
+                sealed: list[int] = []
+
+                async def archived() -> None:   # the peer may have the seal before the engine is done
+                    image = await image_task if image_task is not None else None
+                    sealed.append(self.spool.size(ckpt_id))   # before the peer can take (and drop) it
+                    self.spool.finish(ckpt_id, image.to_json() if image else None)
+
                 stats = await self.runtime.checkpoint_for_transfer(info.name, archive, stage, ignore_volumes,
-                                                                   freezing)
-                size = self.spool.size(ckpt_id)
+                                                                   freezing, archived)
+                size = sealed[0] if sealed else self.spool.size(ckpt_id)
             else:
                 freezing()
                 stats = await self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes)

@@ -89,3 +89,32 @@ def test_sweep_removes_stale_requests_and_landed_pages(tmp_path, monkeypatch):
     assert landing == str(tmp_path / "containers" / "stasis-pages") and os.listdir(landing) == []
     os.mkdir(os.path.join(landing, "mine"))
     assert asyncio.run(runtime.pages_landing()) == landing and os.listdir(landing) == ["mine"]
+
+
+async def test_the_archive_may_end_once_podman_has_rewritten_network_status(tmp_path):
+    """After runc's checkpoint, podman tars /dev/shm and then rewrites network.status: from then on the
+    archive has all it needs from podman, which still exports and unmounts (a whole-filesystem sync)."""
+    from stasis.agent.podman import _mtime, _podman_state_written
+    status = tmp_path / "network.status"
+    status.write_text('{"old": 1}')
+    os.utime(status, ns=(1, 1))
+    before = _mtime(str(status))
+    dump = asyncio.get_running_loop().create_future()   # podman still running
+    waiting = asyncio.ensure_future(_podman_state_written(dump, str(status), before, poll=0.001))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()   # not rewritten yet
+    status.write_text('{"eth0": ')   # podman's write under way: not whole JSON
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    status.write_text('{"eth0": {}}')
+    assert await asyncio.wait_for(waiting, 2) is True
+    dump.set_result(None)
+
+
+async def test_podman_exiting_first_means_the_archive_waits_for_it(tmp_path):
+    from stasis.agent.podman import _podman_state_written
+    dump = asyncio.get_running_loop().create_future()
+    waiting = asyncio.ensure_future(_podman_state_written(dump, str(tmp_path / "network.status"), 0, poll=0.001))
+    await asyncio.sleep(0.02)
+    dump.set_result(None)   # podman exited (or failed) without writing it
+    assert await asyncio.wait_for(waiting, 2) is False
