@@ -4,7 +4,10 @@ split by the destination, arrive whole and byte for byte; nothing but pages leav
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
+import tempfile
+import time
 import threading
 
 import pytest
@@ -169,3 +172,29 @@ def test_parts_out_of_order_are_refused(tmp_path):
         PagesSplitter(fd, str(tmp_path), whole=False).feed(
             member("checkpoint/pages-1.img", b"a") + member("checkpoint/pages-1.img.part-0", b"b"))
     os.close(fd)
+
+
+def _pages_written() -> int:
+    with open("/proc/vmstat") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("nr_written "))
+
+
+def test_followed_pages_start_their_way_to_disk():
+    """podman's clean-up syncs the whole filesystem at the end of the dump: pages the follower has
+    taken are already being written by then (counted by the kernel's nr_written, which only grows).
+    In /var/tmp, which is on disk as podman's storage is (/tmp may be a tmpfs)."""
+    folder = tempfile.mkdtemp(prefix="stasis-writeback-", dir="/var/tmp")
+    try:
+        path = os.path.join(folder, "pages-1.img")
+        size = 16 << 20
+        with open(path, "wb") as f:
+            f.write(os.urandom(size))
+        before = _pages_written()
+        podman_archive.start_writeback(path, 0, size)
+        deadline = time.monotonic() + 10
+        while _pages_written() - before < size // 4096 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pages_written() - before >= size // 4096
+        podman_archive.start_writeback(os.path.join(folder, "gone.img"), 0, 1)   # moved already: nothing
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
