@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -20,6 +21,7 @@ import structlog
 
 from stasis.agent import bulk, failpoints, pages, pool, transfer
 from stasis.agent.pages import free_loopback_port
+from stasis.agent.memory_left import MemoryLeft
 from stasis.agent.podman import check_name
 from stasis.agent.probe import CRIU_RUNDIR, cpuinfo_check, cpuinfo_dump, criu_cache, criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
@@ -107,7 +109,7 @@ class AgentService:
         self._relays: dict[str, pages.DestinationRelay] = {}
         # Source: containers whose post-copy dump served every page. Their images here hold no
         # memory, so they can never be resumed from them.
-        self._memory_left: set[str] = set()
+        self._memory_left = MemoryLeft(os.path.join(work_dir, "memory-left"))
 
     # ------------------------------------------------------------------ queries
 
@@ -138,9 +140,10 @@ class AgentService:
         relay = self._relays.pop(name, None)
         if relay is not None:   # the source must resume, not take the relay's EOF for "all sent"
             relay.abort(f"{name} was removed on {self.host_name}")
+        with contextlib.suppress(StasisError):   # the mark is the container's, by id; the removal goes on
+            self._memory_left.discard((await self.runtime.inspect(name)).id)
         await self.runtime.remove(name, force)
         self.spool.drop_container(name)
-        self._memory_left.discard(name)
 
     async def exec(self, name: str, argv: list[str], timeout: float) -> tuple[int, str]:
         if not argv or len(argv) > 256:
@@ -180,7 +183,7 @@ class AgentService:
             await asyncio.wait([dumping[1]], timeout=60)
         info = await self.runtime.inspect(name)
         if info.state != "running":
-            if name in self._memory_left:
+            if info.id in self._memory_left:
                 raise FailedPrecondition(f"{name} cannot be resumed on {self.host_name}: its memory left with a "
                                          f"post-copy migration, and the images here hold none. The migrated "
                                          f"container is the only copy")
@@ -263,7 +266,7 @@ class AgentService:
         if info.state != "running":
             raise FailedPrecondition(f"container {info.name!r} is {info.state}, not running; "
                                      f"only a running container can be checkpointed")
-        self._memory_left.discard(info.name)   # it runs: the next dump's images are what count
+        self._memory_left.discard(info.id)   # it runs: the next dump's images are what count
         if direct and leave_running:
             raise InvalidArgument("a direct checkpoint is a migration's: it stops the container")
         if post_copy and not direct:
@@ -394,7 +397,7 @@ class AgentService:
         try:
             stats = await self.runtime.checkpoint_post_copy(info.name, archive, stage, ignore_volumes,
                                                             self._page_servers[ckpt_id][0], images_ready, freezing)
-            self._memory_left.add(info.name)
+            self._memory_left.add(info.id)
         finally:
             self._page_servers.pop(ckpt_id, None)
             self._post_copy_dumps.pop(info.name, None)

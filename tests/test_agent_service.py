@@ -154,6 +154,11 @@ async def test_a_container_whose_memory_left_by_post_copy_is_never_resumed_from_
     with pytest.raises(FailedPrecondition, match="memory left with a post-copy migration.*only copy"):
         await agent.resume("web")
     assert "resume" not in agent.runtime.calls
+    # An agent restarted on the same work folder (killed during the migration's clean-up) refuses too.
+    again = AgentService("host-a", agent.runtime, agent.work_dir, repo_url, PASSWORD)
+    with pytest.raises(FailedPrecondition, match="memory left with a post-copy migration"):
+        await again.resume("web")
+    assert "resume" not in agent.runtime.calls
     # Once it runs again (restored some other way), its next dump counts instead.
     agent.runtime.containers["web"].state = "running"
     await agent.checkpoint("op2", "web", False, repo_url, "", noop)
