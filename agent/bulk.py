@@ -128,6 +128,23 @@ class Listener:
             self._waiting[hashlib.sha256(token).digest()] = (peer, loop, waiting)
         return waiting
 
+    def decline(self, token: bytes, peer: str, reason: str) -> None:
+        """The fetcher `peer` cannot connect: the transfer waiting for `token` uses gRPC now. The
+        right token from another agent stops that transfer, as on the channel itself."""
+        with self._lock:
+            entry = self._waiting.pop(hashlib.sha256(token).digest(), None)
+        if entry is None:
+            return   # connected, already given up on, or never offered: nothing waits
+        expected, loop, waiting = entry
+        if peer != expected:
+            why = PermissionDenied(f"agent:{peer} declined the bulk channel of a transfer to agent:{expected}; "
+                                   f"refusing the transfer")
+            loop.call_soon_threadsafe(_settle, waiting, None, why)
+            raise why
+        log.warning("the peer cannot reach the bulk channel; sending over gRPC (slower): let agents reach "
+                    "each other's --bulk-listen port", peer=peer, port=self.port, reason=reason[:300])
+        loop.call_soon_threadsafe(_settle, waiting, None, None)
+
     def forget(self, token: bytes) -> None:
         with self._lock:
             self._waiting.pop(hashlib.sha256(token).digest(), None)
@@ -193,6 +210,7 @@ class Listener:
 
 
 def _settle(waiting: asyncio.Future, sock, error) -> None:
+    """The transfer's outcome: the socket, None (use gRPC) or the error that stops it."""
     if waiting.done():   # the transfer stopped waiting: nobody will use the socket
         if sock is not None:
             sock.close()
@@ -203,7 +221,7 @@ def _settle(waiting: asyncio.Future, sock, error) -> None:
 
 
 async def accepted(listener: Listener, token: bytes, waiting: asyncio.Future, timeout: float):
-    """The dialer's socket, or None when it did not come in time (the transfer then uses gRPC)."""
+    """The dialer's socket, or None when it did not come in time or declined (the transfer then uses gRPC)."""
     try:
         return await asyncio.wait_for(waiting, timeout)
     except asyncio.TimeoutError:

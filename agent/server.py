@@ -120,12 +120,18 @@ class AgentServicer(pb_grpc.AgentServicer):
         async for msg in self.service.relay_pages(request_iterator):
             yield msg
 
+    async def DeclineBulk(self, request, context):
+        await self.service.decline_bulk(request.checkpoint_id, request.ticket, request.token, request.reason)
+        return pb.DeclineBulkResponse()
 
-# Agents serve the controller only; a peer agent may fetch a checkpoint held for a direct migration,
-# and AgentService.fetch lets it only with the controller's ticket for exactly that transfer.
+
+# Agents serve the controller only; a peer agent may fetch a checkpoint held for a direct migration
+# (and decline its bulk channel, or relay its pages), and AgentService lets it only with the
+# controller's ticket for exactly that transfer.
 RULES = {method: daemon("controller") for method in service_methods(pb.DESCRIPTOR.services_by_name["Agent"])}
 RULES["/stasis.v1.Agent/FetchCheckpoint"] = daemon("agent")
 RULES["/stasis.v1.Agent/RelayPages"] = daemon("agent")
+RULES["/stasis.v1.Agent/DeclineBulk"] = daemon("agent")
 
 
 async def _register_loop(service: AgentService, controller: str, advertise: str, transport: Transport) -> None:

@@ -464,6 +464,16 @@ class AgentService:
                                          caller.name if caller is not None else ""):
             yield chunk
 
+    async def decline_bulk(self, checkpoint_id: str, ticket: bytes, token: bytes, reason: str) -> None:
+        """The peer fetching `checkpoint_id` cannot reach the bulk channel: send on the stream now."""
+        caller = CALLER.get()
+        if self.tickets is not None:
+            if caller is None or caller.kind != "agent":
+                raise PermissionDenied("only a peer agent with a migration ticket may decline a bulk channel")
+            self.tickets.check(ticket, checkpoint_id, caller.name, spend=False)   # its fetch spent it
+        if self.bulk is not None:
+            self.bulk.decline(token, caller.name if caller is not None else "", reason)
+
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit,
                        peer: Peer | None = None, ignore_volumes: bool = False) -> RestoreOutcome:
         repo = await self._open(repo_url)

@@ -164,7 +164,7 @@ async def send(spool: Spool, signer: Signer | None, ckpt_id: str, compress: bool
         waiting = listener.expect(token, peer)
         yield pb.TransferChunk(bulk=pb.BulkOffer(port=listener.port, token=token))
         sock = await bulk.accepted(listener, token, waiting, BULK_WAIT)
-        if sock is None:
+        if sock is None and waiting.cancelled():   # timed out (a peer that declined was logged by the listener)
             log.warning("the peer did not connect to the bulk channel; sending over gRPC (slower): "
                         "let agents reach each other's --bulk-listen port", checkpoint=ckpt_id, peer=peer,
                         port=listener.port)
@@ -348,7 +348,8 @@ class Receiver:
                                       bulk=True),
             timeout=3600)
         self.channel_used = "grpc"
-        self.ckpt_id = ckpt_id
+        self.ckpt_id, self.ticket = ckpt_id, ticket
+        self._dial_error = ""
         self.raw_offer = b""
         self.manifest: Manifest | None = None
 
@@ -413,6 +414,8 @@ class Receiver:
                         raise IntegrityError(f"{self.peer} offered the bulk channel mid-transfer")
                     offered = True
                     sock = await asyncio.to_thread(self._dial, item.bulk)
+                    if sock is None:
+                        await self._decline(item.bulk.token)
                     taken = None if sock is None else await _in_thread(self._take, sock, write, digest, emit)
                     if taken is not None:
                         size, self.channel_used = taken, "bulk"
@@ -450,7 +453,19 @@ class Receiver:
                              agent_server_name(self.peer_host), offer.token)
         except bulk.Unavailable as e:
             log.warning("bulk channel unavailable; receiving over gRPC (slower)", peer=self.peer, error=str(e))
+            self._dial_error = str(e)
             return None
+
+    async def _decline(self, token: bytes) -> None:
+        """Tell the source at once, so that it sends on the stream without waiting out BULK_WAIT. Best
+        effort: a source without DeclineBulk (older) or unreachable still falls back on its own."""
+        request = pb.DeclineBulkRequest(checkpoint_id=self.ckpt_id, ticket=self.ticket, token=token,
+                                        reason=self._dial_error)
+        try:
+            await pb_grpc.AgentStub(self.channel).DeclineBulk(request, timeout=10)
+        except grpc.RpcError as err:
+            log.warning("could not decline the bulk channel; the source falls back on its own",
+                        peer=self.peer, error=from_rpc_error(err, self.peer).message)
 
     def _take(self, sock, write: Callable[[bytes], object], digest, emit: Callable[[int], None]) -> int | None:
         """Bulk channel, destination: hash and write each frame as it comes; returns the bytes taken,

@@ -143,3 +143,21 @@ def test_plaintext_is_for_loopback_only():
         bulk.Listener(Transport.insecure(), "0.0.0.0:0")
     listener = bulk.Listener(Transport.insecure(), "127.0.0.1:0")
     listener.close()
+
+
+async def test_a_fetcher_that_cannot_connect_declines_and_the_transfer_uses_grpc_at_once(listener):
+    token = secrets.token_bytes(bulk.TOKEN)
+    waiting = listener.expect(token, "host-b")
+    await asyncio.to_thread(listener.decline, token, "host-b", "cannot connect (Connection refused)")
+    # The transfer's own deadline is ten minutes: only the decline can end the wait this soon.
+    assert await asyncio.wait_for(bulk.accepted(listener, token, waiting, 600), 10) is None
+    listener.decline(token, "host-b", "again")   # nothing waits any more: nothing happens
+
+
+async def test_the_right_token_declined_by_another_agent_stops_the_transfer(listener):
+    token = secrets.token_bytes(bulk.TOKEN)
+    waiting = listener.expect(token, "host-b")
+    with pytest.raises(PermissionDenied, match="agent:host-c declined"):
+        await asyncio.to_thread(listener.decline, token, "host-c", "")
+    with pytest.raises(PermissionDenied, match="transfer to agent:host-b"):
+        await asyncio.wait_for(bulk.accepted(listener, token, waiting, 600), 10)

@@ -238,10 +238,10 @@ def test_every_method_has_a_rule():
     for service, rules in (("Agent", AGENT), ("Controller", CONTROLLER)):
         methods = service_methods(pb.DESCRIPTOR.services_by_name[service])
         assert sorted(rules) == sorted(methods)
-    # Agents serve the controller; peer agents may only fetch and relay memory (with a ticket,
-    # checked by the service).
+    # Agents serve the controller; peer agents may only fetch, decline the bulk channel and relay
+    # memory (with a ticket, checked by the service).
     assert {m for m, r in AGENT.items() if r.kinds != {"controller"} or r.role} == {
-        "/stasis.v1.Agent/FetchCheckpoint", "/stasis.v1.Agent/RelayPages"}
+        "/stasis.v1.Agent/FetchCheckpoint", "/stasis.v1.Agent/RelayPages", "/stasis.v1.Agent/DeclineBulk"}
     assert AGENT["/stasis.v1.Agent/FetchCheckpoint"].kinds == {"agent"}
 
 

@@ -259,6 +259,19 @@ def test_a_peer_agent_fetches_a_held_checkpoint_once_and_only_with_its_ticket(st
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def tar_dumps(original):
+    """The fake runtime's checkpoint, writing an archive of a real one's shape (3 MiB)."""
+    async def dump_tar(name, archive, leave_running, ignore_volumes=False):
+        stats = await original(name, archive, leave_running, ignore_volumes)
+        with tarfile.open(archive, "w") as tar:
+            for member, size in (("inventory.img", 100), ("pages-1.img", 3 << 20)):
+                info = tarfile.TarInfo(member)
+                info.size = size
+                tar.addfile(info, io.BytesIO(os.urandom(size)))
+        return stats
+    return dump_tar
+
+
 def test_a_peer_receives_over_the_bulk_channel_and_the_seal_still_judges_the_bytes(stack, tmp_path):
     """Receiver and send() over real gRPC and real mutual TLS: the bytes take the bulk channel; a
     byte damaged on it is caught by the seal that came over gRPC."""
@@ -269,15 +282,7 @@ def test_a_peer_receives_over_the_bulk_channel_and_the_seal_still_judges_the_byt
     b = Transport(stack.ca.bundle_path("agent", "host-b"))
 
     original = stack.runtime.checkpoint
-
-    async def dump_tar(name, archive, leave_running, ignore_volumes=False):   # a real archive's shape, 3 MiB
-        stats = await original(name, archive, leave_running, ignore_volumes)
-        with tarfile.open(archive, "w") as tar:
-            for member, size in (("inventory.img", 100), ("pages-1.img", 3 << 20)):
-                info = tarfile.TarInfo(member)
-                info.size = size
-                tar.addfile(info, io.BytesIO(os.urandom(size)))
-        return stats
+    dump_tar = tar_dumps(original)
 
     def receive(n: int):
         events = list(ctl.Checkpoint(pb.AgentCheckpointRequest(operation_id=f"bulk-{n}", container="web",
@@ -307,6 +312,41 @@ def test_a_peer_receives_over_the_bulk_channel_and_the_seal_still_judges_the_byt
     finally:
         os.environ.pop("STASIS_FAILPOINTS", None)
         stack.runtime.checkpoint = original
+
+
+def test_a_peer_that_cannot_reach_the_bulk_channel_declines_it_and_gets_the_bytes_at_once(stack, tmp_path,
+                                                                                          monkeypatch):
+    """The fetcher's dial fails (a firewall, say): it declines the channel over gRPC, with its spent
+    ticket and the offer's token, and the source sends on the stream at once instead of waiting out
+    BULK_WAIT (ten minutes here)."""
+    from stasis.agent import bulk
+    from stasis.security.tickets import mint
+
+    monkeypatch.setattr(transfer, "BULK_WAIT", 600.0)
+
+    def unreachable(*_args, **_kwargs):
+        raise bulk.Unavailable("cannot connect to the source's bulk port (Connection refused)")
+
+    monkeypatch.setattr(bulk, "dial", unreachable)
+    monkeypatch.setattr(stack.runtime, "checkpoint", tar_dumps(stack.runtime.checkpoint))
+    ctl = stack.agent_stub(stack.ca.bundle_path("controller", "controller"))
+    controller = Transport(stack.ca.bundle_path("controller", "controller"))
+    b = Transport(stack.ca.bundle_path("agent", "host-b"))
+    events = list(ctl.Checkpoint(pb.AgentCheckpointRequest(operation_id="decline-1", container="web",
+                                                           direct=True), timeout=60))
+    stack.runtime.containers["web"].state = "running"
+    summary = events[-1].checkpoint
+    ticket = mint(controller, "job-decline", summary.id, "host-a", "host-b")
+
+    async def run():
+        receiver = transfer.Receiver(b, Verifier(b.ca_certs, DenyList()), "host-a",
+                                     f"127.0.0.1:{stack.agent_port}", summary.id, ticket)
+        await receiver.offer()
+        seal = await asyncio.wait_for(receiver.archive(str(tmp_path / "declined.tar"), lambda _n: None), 60)
+        return receiver.channel_used, seal
+
+    channel, seal = asyncio.run(run())
+    assert channel == "grpc" and seal["size"] == summary.size_bytes == os.path.getsize(tmp_path / "declined.tar")
 
 
 # ------------------------------------------------------------------ rotation

@@ -191,6 +191,22 @@ class BulkOffer(_message.Message):
     token: bytes
     def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
 
+class DeclineBulkRequest(_message.Message):
+    __slots__ = ("checkpoint_id", "ticket", "token", "reason")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    ticket: bytes
+    token: bytes
+    reason: str
+    def __init__(self, checkpoint_id: _Optional[str] = ..., ticket: _Optional[bytes] = ..., token: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeclineBulkResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class TransferChunk(_message.Message):
     __slots__ = ("offer", "data", "seal", "zdata", "bulk")
     OFFER_FIELD_NUMBER: _ClassVar[int]

@@ -96,6 +96,11 @@ class AgentStub:
                 request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.SerializeToString,
                 response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.FromString,
                 _registered_method=True)
+        self.DeclineBulk = channel.unary_unary(
+                '/stasis.v1.Agent/DeclineBulk',
+                request_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.DeclineBulkRequest.SerializeToString,
+                response_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.DeclineBulkResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -171,7 +176,7 @@ class AgentServicer:
 
     def FetchCheckpoint(self, request, context):
         """Direct migration: the destination agent fetches a checkpoint the source agent holds for it.
-        The only method open to another agent, and only with a ticket the controller signed.
+        Open to another agent (as are RelayPages and DeclineBulk), and only with a ticket the controller signed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +185,15 @@ class AgentServicer:
     def RelayPages(self, request_iterator, context):
         """Post-copy: a peer agent relays CRIU's lazy-pages protocol between its lazy-pages daemon and
         the page server of a checkpoint held here (first message: checkpoint id and ticket).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineBulk(self, request, context):
+        """Direct migration: the fetcher cannot reach the bulk channel the source offered (a firewall, a
+        port not routed): the source sends the bytes on the FetchCheckpoint stream at once instead of
+        waiting out its deadline. Same ticket; the token names the transfer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,6 +261,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RelayPages,
                     request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.FromString,
                     response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.SerializeToString,
+            ),
+            'DeclineBulk': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineBulk,
+                    request_deserializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.DeclineBulkRequest.FromString,
+                    response_serializer=stasis_dot_proto_dot_v1_dot_stasis__pb2.DeclineBulkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +594,33 @@ class Agent:
             '/stasis.v1.Agent/RelayPages',
             stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.SerializeToString,
             stasis_dot_proto_dot_v1_dot_stasis__pb2.PageBytes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineBulk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stasis.v1.Agent/DeclineBulk',
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.DeclineBulkRequest.SerializeToString,
+            stasis_dot_proto_dot_v1_dot_stasis__pb2.DeclineBulkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,8 +55,10 @@ class TicketChecker:
         self._used: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def check(self, ticket: bytes, checkpoint: str, caller: str) -> dict:
-        """`caller` is the peer agent's host name from its certificate."""
+    def check(self, ticket: bytes, checkpoint: str, caller: str, spend: bool = True) -> dict:
+        """`caller` is the peer agent's host name from its certificate. A ticket opens one transfer:
+        its nonce is spent; `spend=False` checks it without spending it, for a call about the transfer
+        it opened (the fetcher declining the bulk channel)."""
         try:
             outer = json.loads(ticket)
             body = base64.b64decode(outer["body"], validate=True)
@@ -85,6 +87,8 @@ class TicketChecker:
         now = time.time()
         if not isinstance(claims.get("expires"), (int, float)) or claims["expires"] < now:
             raise PermissionDenied("migration ticket refused: it has expired")
+        if not spend:
+            return claims
         nonce = str(claims.get("nonce", ""))
         with self._lock:
             self._used = {n: t for n, t in self._used.items() if t > now}   # forget expired ones
