@@ -279,12 +279,16 @@ class PodmanRuntime(Runtime):
             runtime = time.monotonic() - started
             if images is not None:
                 await images
-            if out.returncode != 0:
+            if out.returncode != 0 and sealed is None:
                 await asyncio.to_thread(self._pages_back, static)
-                if sealed is not None:
-                    log.warning("podman failed after the archive was complete; the migration rolls back",
-                                container=name)
                 raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
+            if out.returncode != 0:
+                # CRIU succeeded (runc said so) and the archive is sealed from its complete images;
+                # podman's own export or clean-up failed. The peer may be restoring already: failing
+                # now would remove a working copy there for a resume here that podman's state may
+                # refuse. The migration goes on (a resume still puts the pages back first).
+                log.warning("podman failed after the archive was sealed; the migration goes on",
+                            container=name, error=_criu_tail(out.stderr))
             if images is None:   # no notice came (an old wrapper); podman has finished anyway
                 await asyncio.to_thread(self._archive_images, writer, follower, static, aside)
             if sealed is None:

@@ -101,8 +101,8 @@ class Runtime(abc.ABC):
         or removed. `scratch`: a folder for the engine's own leftovers. `freezing()`: called once, when
         the engine starts the dump that freezes the container (downtime counts from there).
         `archived()`: awaited if the archive is complete before the engine has finished its own work
-        (the peer may restore meanwhile); the call still fails if the engine then does. By default,
-        the engine's own export."""
+        (the peer may restore meanwhile); the dump stands from then on, whatever the engine's own
+        clean-up does. By default, the engine's own export."""
         freezing()
         return await self.checkpoint(name, archive, False, ignore_volumes)
 
