@@ -23,11 +23,13 @@ turns traced: stasis.agent.freeze) to the moment CRIU's restore resumes the proc
 CRIU's action script leaves, scripts/criu/actions.sh). podman's and runc's work before the freeze
 and after the resume are not downtime, for podman's rows as for stasis's. Every row starts after a
 sync, with no dirty data left by the row before. Figures are medians over the rounds; these
-machines are shared and noisy, so read the ratios. Memory matters as much as CPU here: writing a
-GiB into fresh page cache took 0.2-2 s on this VM depending on what ran before, and a direct
-migration writes memory twice (CRIU's dump, the destination's copy) where the floor writes it
-once. With only the floor, direct and post-copy rows (`--only`), direct came to 1.2x the floor;
-after the baseline and repository rows, which churn GiBs of files each round, 1.5-1.8x.
+machines are shared and noisy, so read the ratios.
+
+Both "hosts" share this machine's two vCPUs and its disk, which a direct migration feels and the
+floor does not. CRIU's dump (one thread writing memory into page cache) took 0.5-1.0 s a GiB alone
+and 1.7-2.1 s beside the transfer (the source's read, hash and TLS; the destination's TLS, hash
+and write), which in real use runs on the other host. A filesystem sync on the source (podman's
+overlay unmount) also stalls the destination's fsyncs, as it would not across two disks.
 
     python bench/migrate_vs_podman.py [--mib 64 1024 4096] [--rounds 3]
 """
