@@ -246,14 +246,15 @@ class PodmanRuntime(Runtime):
                                                 os.path.join(aside, STREAMED))
         stop = threading.Event()
         following = images = None
-        prepare, sealed = 0.0, None
+        prepare, sealed, dumps = 0.0, None, None
 
-        async def complete() -> None:   # everything but CRIU's images, then the end of the archive
+        async def complete() -> dict[str, bytes]:   # everything but CRIU's images, then the archive's end
             dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
             shm = os.path.join(static, podman_archive.DEVSHM)   # podman's own, taken before it unmounted /dev/shm
             await asyncio.to_thread(writer.add_state, static, upper, volumes, dumps,
                                     shm if os.path.exists(shm) else None)
             writer.close()
+            return dumps
 
         try:
             prepare = await self._until_frozen(cid, freeze.container_pid(c), dump, freezing)
@@ -271,7 +272,7 @@ class PodmanRuntime(Runtime):
                 # waited for: the peer gets the end of the archive, and its seal, meanwhile.
                 if await _podman_state_written(dump, status, status_before):
                     await images
-                    await complete()
+                    dumps = await complete()
                     sealed = time.monotonic() - started
                     if archived is not None:
                         await archived()
@@ -291,8 +292,8 @@ class PodmanRuntime(Runtime):
                             container=name, error=_criu_tail(out.stderr))
             if images is None:   # no notice came (an old wrapper); podman has finished anyway
                 await asyncio.to_thread(self._archive_images, writer, follower, static, aside)
-            if sealed is None:
-                await complete()
+            if dumps is None:
+                dumps = await complete()
         finally:
             stop.set()
             for task in (following, images):
@@ -305,7 +306,7 @@ class PodmanRuntime(Runtime):
         phases = {"runtime": runtime, "archive": time.monotonic() - started - runtime, "prepare": prepare}
         if sealed is not None:   # the archive was complete before podman was: seconds from podman's start
             phases["sealed"] = sealed
-        return DumpStats(time.monotonic() - started, criu or _stats(_read_bytes(os.path.join(static, "stats-dump"))),
+        return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
                          phases)
 
     async def _until_frozen(self, cid: str, pid: int, dump: asyncio.Future,
@@ -569,14 +570,6 @@ async def _podman_state_written(dump: asyncio.Future, status: str, before: int, 
                 return True
         await asyncio.sleep(poll)
     return False
-
-
-def _read_bytes(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def _read(path: str) -> str:

@@ -316,16 +316,16 @@ class AgentService:
                 stats, size = await self._dump_post_copy(info, ckpt_id, archive, stage, ignore_volumes, image_task,
                                                          emit, freezing)
             elif direct:
-                sealed: list[int] = []
+                sealed_size: list[int] = []
 
                 async def archived() -> None:   # the peer may have the seal before the engine is done
                     image = await image_task if image_task is not None else None
-                    sealed.append(self.spool.size(ckpt_id))   # before the peer can take (and drop) it
+                    sealed_size.append(self.spool.size(ckpt_id))   # before the peer can take (and drop) it
                     self.spool.finish(ckpt_id, image.to_json() if image else None)
 
                 stats = await self.runtime.checkpoint_for_transfer(info.name, archive, stage, ignore_volumes,
                                                                    freezing, archived)
-                size = sealed[0] if sealed else self.spool.size(ckpt_id)
+                size = sealed_size[0] if sealed_size else self.spool.size(ckpt_id)
             else:
                 freezing()
                 stats = await self.runtime.checkpoint(info.name, archive, leave_running, ignore_volumes)
@@ -409,11 +409,7 @@ class AgentService:
         first = await anext(requests, None)
         if first is None or not first.checkpoint_id:
             raise InvalidArgument("RelayPages starts with a checkpoint id and a ticket")
-        caller = CALLER.get()
-        if self.tickets is not None:
-            if caller is None or caller.kind != "agent":
-                raise PermissionDenied("only a peer agent with a migration ticket may relay memory")
-            self.tickets.check(first.ticket, first.checkpoint_id, caller.name)
+        self._peer_with_ticket(first.ticket, first.checkpoint_id, "relay memory")
         served = self._page_servers.get(first.checkpoint_id)
         if served is None:
             raise NotFound(f"no post-copy dump of checkpoint {first.checkpoint_id} is serving memory on "
@@ -454,25 +450,26 @@ class AgentService:
     async def fetch(self, checkpoint_id: str, ticket: bytes, compress: bool = False, want_bulk: bool = False):
         """Serve a held checkpoint to the peer agent the controller's ticket names; over the bulk
         channel when the peer can take it and this agent listens for it."""
-        caller = CALLER.get()
-        if self.tickets is not None:
-            if caller is None or caller.kind != "agent":
-                raise PermissionDenied("only a peer agent with a migration ticket may fetch checkpoints")
-            self.tickets.check(ticket, checkpoint_id, caller.name)
+        peer = self._peer_with_ticket(ticket, checkpoint_id, "fetch checkpoints")
         listener = self.bulk if want_bulk else None
-        async for chunk in transfer.send(self.spool, self.signer, checkpoint_id, compress, listener,
-                                         caller.name if caller is not None else ""):
+        async for chunk in transfer.send(self.spool, self.signer, checkpoint_id, compress, listener, peer):
             yield chunk
 
     async def decline_bulk(self, checkpoint_id: str, ticket: bytes, token: bytes, reason: str) -> None:
         """The peer fetching `checkpoint_id` cannot reach the bulk channel: send on the stream now."""
+        peer = self._peer_with_ticket(ticket, checkpoint_id, "decline a bulk channel", spend=False)  # fetch spent it
+        if self.bulk is not None:
+            self.bulk.decline(token, peer, reason)
+
+    def _peer_with_ticket(self, ticket: bytes, checkpoint_id: str, what: str, spend: bool = True) -> str:
+        """The calling peer agent's name, once its migration ticket for `checkpoint_id` is checked
+        ("" without TLS, where no ticket is checked)."""
         caller = CALLER.get()
         if self.tickets is not None:
             if caller is None or caller.kind != "agent":
-                raise PermissionDenied("only a peer agent with a migration ticket may decline a bulk channel")
-            self.tickets.check(ticket, checkpoint_id, caller.name, spend=False)   # its fetch spent it
-        if self.bulk is not None:
-            self.bulk.decline(token, caller.name if caller is not None else "", reason)
+                raise PermissionDenied(f"only a peer agent with a migration ticket may {what}")
+            self.tickets.check(ticket, checkpoint_id, caller.name, spend=spend)
+        return caller.name if caller is not None else ""
 
     async def _restore(self, checkpoint_id: str, repo_url: str, name: str, emit: Emit,
                        peer: Peer | None = None, ignore_volumes: bool = False) -> RestoreOutcome:
