@@ -557,6 +557,7 @@ class AgentService:
                 timings["download"] = time.monotonic() - started
             if image_task is not None:
                 await image_task
+            await failpoints.pause("restore.pause")
             failpoints.hit("restore.before_runtime")
             emit("restore", f"restoring {name} with CRIU", 0, 0)
             if receiver is not None and receiver.post_copy:

@@ -561,13 +561,21 @@ def test_migrate_carries_tcp_connection_named_volume_shm_and_process_tree(cluste
 
 @pytest.mark.parametrize("phase", ["checkpoint", "restore"])
 def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(cluster, phase):
-    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    a = cluster.hosts["host-a"]
     cluster.wait_hosts_up(["host-a", "host-b"])   # the previous case restarted the controller
+    if phase == "restore":
+        # A direct restore can end within a few hundred milliseconds of the source's dump, quicker
+        # than the job list can be polled; this destination holds the phase open for a few seconds.
+        b = cluster.add_host(f"host-hold-{cluster.backend}", extra_env={"STASIS_FAILPOINTS": "restore.pause"})
+        cluster.wait_hosts_up([b.name])
+        b.import_image("localhost/stasis-memhold:1")
+    else:
+        b = cluster.hosts["host-b"]
     web = name(f"crash-{phase[:4]}")
     a.run_workload(web, 256)
     before = a.status(web)
     proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
-                     "--to", "host-b", "--json"], env=cluster.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+                     "--to", b.name, "--json"], env=cluster.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
     job = None
     try:
         deadline = time.monotonic() + 60
