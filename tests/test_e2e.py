@@ -508,8 +508,10 @@ def test_controller_rebuilds_catalog_from_repository(cluster):
 
 
 # A process tree that holds what a migration must carry besides memory: an established TCP
-# connection (both ends inside the container, on its own loopback) and a named volume.
-CONNECTED = ("sleep 100000 | nc -l -p 9000 >> /vol/recv & sleep 0.5; "
+# connection (both ends inside the container, on its own loopback), a named volume, and a process
+# holding a flock and a POSIX lock on a file.
+CONNECTED = ("memhold lock /tmp/held & "
+             "sleep 100000 | nc -l -p 9000 >> /vol/recv & sleep 0.5; "
              "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done | nc 127.0.0.1 9000 & "
              "exec sleep 100000")
 
@@ -519,14 +521,21 @@ def _tree(host, container: str) -> list[str]:
     or the loop's `sleep 0.1`, which comes and goes ten times a second."""
     lines = host.exec(container, "ps", "-o", "args").splitlines()[1:]
     return sorted(a for a in (line.strip() for line in lines)
-                  if a.split()[0] in ("nc", "sh", "sleep", "/bin/sh") and a != "sleep 0.1")
+                  if a.split()[0] in ("nc", "sh", "sleep", "/bin/sh", "memhold") and a != "sleep 0.1")
 
 
 def _received(host, container: str) -> list[int]:
     return [int(x) for x in host.podman("exec", container, "cat", "/vol/recv", check=False).stdout.split()]
 
 
-def test_migrate_carries_tcp_connection_named_volume_shm_and_process_tree(cluster):
+def _lock_holder(host, container: str) -> str:
+    """The pid (in the container) of the process holding /tmp/held, as `memhold trylock` finds it."""
+    found = dict(kv.split("=") for kv in host.exec(container, "memhold", "trylock", "/tmp/held").split())
+    assert found["flock"] == "busy", found
+    return found["posix"]
+
+
+def test_migrate_carries_tcp_connection_named_volume_shm_locks_and_process_tree(cluster):
     a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
     web, vol = name("net"), name("vol")
     a.podman("volume", "create", vol)
@@ -538,6 +547,8 @@ def test_migrate_carries_tcp_connection_named_volume_shm_and_process_tree(cluste
     assert "ESTABLISHED" in a.exec(web, "netstat", "-tn")
     before = _received(a, web)
     procs_before = _tree(a, web)
+    holder = _lock_holder(a, web)
+    assert holder != "free"
 
     job = cluster.cli_json("migrate", f"host-a/{web}", "--to", "host-b")
     assert job["state"] == "succeeded", job["error"]
@@ -556,6 +567,8 @@ def test_migrate_carries_tcp_connection_named_volume_shm_and_process_tree(cluste
     # The workload's own tree is the same.
     assert _tree(b, web) == procs_before
     assert [p.split()[0] for p in procs_before].count("nc") == 2
+    # Both locks are still held, by the same process (CRIU restores pids inside the container).
+    assert _lock_holder(b, web) == holder
     b.podman("rm", "-f", "-t", "0", web)
 
 

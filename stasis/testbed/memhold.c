@@ -2,6 +2,8 @@
  * memhold: a stateful test workload for stasis (built static, runs in a busybox image).
  *
  *   memhold MIB [COMPRESSIBLE_PERCENT]
+ *   memhold lock PATH      hold a flock(2) and a POSIX (fcntl) write lock on PATH until killed
+ *   memhold trylock PATH   print how another process finds PATH: flock=<busy|free> posix=<pid|free>
  *
  * Holds MIB MiB filled with a pattern derived from a nonce drawn at start (pseudo-random, except
  * COMPRESSIBLE_PERCENT of the pages, default 0, which hold low-entropy words that zstd compresses),
@@ -15,11 +17,13 @@
  * counter went on from where it was, and a verification says ok.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -49,7 +53,25 @@ static uint64_t expected(size_t i) {
     return page < compressible_pages ? (v & 0xff) : v;
 }
 
+/* The two kinds of lock CRIU must carry (--file-locks): BSD flock and POSIX record locks. */
+static int locks(const char *mode, const char *path) {
+    int fd = open(path, O_RDWR | O_CREAT, 0644);
+    if (fd < 0) { perror(path); return 1; }
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    if (strcmp(mode, "lock") == 0) {
+        if (flock(fd, LOCK_EX) != 0 || fcntl(fd, F_SETLKW, &fl) != 0) { perror("lock"); return 1; }
+        for (;;) pause();
+    }
+    int busy = flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    if (fcntl(fd, F_GETLK, &fl) != 0) { perror("F_GETLK"); return 1; }
+    if (fl.l_type == F_UNLCK) printf("flock=%s posix=free\n", busy ? "busy" : "free");
+    else printf("flock=%s posix=%d\n", busy ? "busy" : "free", (int)fl.l_pid);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && (strcmp(argv[1], "lock") == 0 || strcmp(argv[1], "trylock") == 0))
+        return locks(argv[1], argv[2]);
     size_t mib = argc > 1 ? strtoul(argv[1], NULL, 10) : 64;
     size_t percent = argc > 2 ? strtoul(argv[2], NULL, 10) : 0;
     size_t words = mib * 1024 * 1024 / sizeof(uint64_t);
