@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from stasis.agent import freeze, podman_archive
+from stasis.agent import freeze, podman_archive, volume_hold
 from stasis.agent.process import run, tail
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
 from stasis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimeFailure
@@ -218,96 +218,98 @@ class PodmanRuntime(Runtime):
             return await self.checkpoint(name, archive, False, ignore_volumes)
         c = await self._container_state(name)
         cid, static, upper, volumes = self._layout(c, ignore_volumes)
-        aside = os.path.join(static, PAGES_ASIDE)
-        # Pages a killed agent's migration left aside are stale: the container runs again since. So is
-        # what an earlier dump (rolled back, or kept by --keep) left in the image folder; CRIU would
-        # truncate those files in place, under a follower that had taken them for this dump's.
-        await asyncio.to_thread(shutil.rmtree, aside, True)
-        await asyncio.to_thread(_empty_folder, os.path.join(static, "checkpoint"))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(static, podman_archive.DEVSHM))   # podman writes it anew if it has one
-        # podman writes config.dump and spec.dump only when it exports, and its export is single-threaded
-        # (~2 CPU-seconds a GiB, competing with the transfer for this host's cores). So the wrapper moves
-        # CRIU's pages aside before podman exports: its export is small, and the archive is built here
-        # with the pages. --keep leaves config.dump and spec.dump for that. The wrapper says when runc is
-        # done (ID.dumped): the archive starts with CRIU's images while podman finishes its own work.
-        status = os.path.join(static, "network.status")
-        status_before = _mtime(status)
-        self._clear_requests(cid, "dumped", "started")
-        self._ask(cid, "aside", 0)
-        args = ["container", "checkpoint", name, "--keep", "--export", os.path.join(scratch, "podman-export.tar"),
-                "--compress", "none", "--print-stats", *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
-        started = time.monotonic()
-        dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
-        dumped = self._request(cid, "dumped")
-        writer = podman_archive.ArchiveWriter(archive, references=True)   # the pages are read where they lie
-        # Memory goes into the archive (and to the peer following it) while CRIU writes it.
-        follower = podman_archive.PagesFollower(writer, os.path.join(static, "checkpoint"),
-                                                os.path.join(aside, STREAMED))
-        stop = threading.Event()
-        following = images = None
-        prepare, sealed, dumps = 0.0, None, None
+        # Bound to what podman may unmount in its clean-up, which the archive no longer waits for.
+        with volume_hold.held(volumes, os.path.join(scratch, "volumes")) as volumes:
+            aside = os.path.join(static, PAGES_ASIDE)
+            # Pages a killed agent's migration left aside are stale: the container runs again since. So is
+            # what an earlier dump (rolled back, or kept by --keep) left in the image folder; CRIU would
+            # truncate those files in place, under a follower that had taken them for this dump's.
+            await asyncio.to_thread(shutil.rmtree, aside, True)
+            await asyncio.to_thread(_empty_folder, os.path.join(static, "checkpoint"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(static, podman_archive.DEVSHM))   # podman writes it anew if it has one
+            # podman writes config.dump and spec.dump only when it exports, and its export is single-threaded
+            # (~2 CPU-seconds a GiB, competing with the transfer for this host's cores). So the wrapper moves
+            # CRIU's pages aside before podman exports: its export is small, and the archive is built here
+            # with the pages. --keep leaves config.dump and spec.dump for that. The wrapper says when runc is
+            # done (ID.dumped): the archive starts with CRIU's images while podman finishes its own work.
+            status = os.path.join(static, "network.status")
+            status_before = _mtime(status)
+            self._clear_requests(cid, "dumped", "started")
+            self._ask(cid, "aside", 0)
+            args = ["container", "checkpoint", name, "--keep", "--export", os.path.join(scratch, "podman-export.tar"),
+                    "--compress", "none", "--print-stats", *CARRY, *(["--ignore-volumes"] if ignore_volumes else [])]
+            started = time.monotonic()
+            dump = asyncio.ensure_future(self._podman(*args, timeout=DUMP_TIMEOUT, check=False))
+            dumped = self._request(cid, "dumped")
+            writer = podman_archive.ArchiveWriter(archive, references=True)   # the pages are read where they lie
+            # Memory goes into the archive (and to the peer following it) while CRIU writes it.
+            follower = podman_archive.PagesFollower(writer, os.path.join(static, "checkpoint"),
+                                                    os.path.join(aside, STREAMED))
+            stop = threading.Event()
+            following = images = None
+            prepare, sealed, dumps = 0.0, None, None
 
-        async def complete() -> dict[str, bytes]:   # everything but CRIU's images, then the archive's end
-            dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
-            shm = os.path.join(static, podman_archive.DEVSHM)   # podman's own, taken before it unmounted /dev/shm
-            await asyncio.to_thread(writer.add_state, static, upper, volumes, dumps,
-                                    shm if os.path.exists(shm) else None)
-            writer.close()
-            return dumps
+            async def complete() -> dict[str, bytes]:   # everything but CRIU's images, then the archive's end
+                dumps = await asyncio.to_thread(podman_archive.read_dumps, static)
+                shm = os.path.join(static, podman_archive.DEVSHM)   # podman's own, taken before it unmounted /dev/shm
+                await asyncio.to_thread(writer.add_state, static, upper, volumes, dumps,
+                                        shm if os.path.exists(shm) else None)
+                writer.close()
+                return dumps
 
-        try:
-            prepare = await self._until_frozen(cid, freeze.container_pid(c), dump, freezing)
-            following = asyncio.ensure_future(asyncio.to_thread(follower.follow, stop))
-            while not dump.done() and not os.path.exists(dumped):
-                await asyncio.sleep(0.005)
-            stop.set()
-            await following
-            if _read(dumped) == "0":   # CRIU is done; its images are complete and the pages aside
-                images = asyncio.ensure_future(asyncio.to_thread(self._archive_images, writer, follower, static,
-                                                                 aside))
-                # podman then tars /dev/shm and rewrites network.status, and that is all the archive
-                # needs from it. What follows (its own export, then a clean-up whose overlay unmount
-                # syncs the whole filesystem: 0.6 s of a 1 GiB migration's downtime, measured) is not
-                # waited for: the peer gets the end of the archive, and its seal, meanwhile.
-                if await _podman_state_written(dump, status, status_before):
+            try:
+                prepare = await self._until_frozen(cid, freeze.container_pid(c), dump, freezing)
+                following = asyncio.ensure_future(asyncio.to_thread(follower.follow, stop))
+                while not dump.done() and not os.path.exists(dumped):
+                    await asyncio.sleep(0.005)
+                stop.set()
+                await following
+                if _read(dumped) == "0":   # CRIU is done; its images are complete and the pages aside
+                    images = asyncio.ensure_future(asyncio.to_thread(self._archive_images, writer, follower, static,
+                                                                     aside))
+                    # podman then tars /dev/shm and rewrites network.status, and that is all the archive
+                    # needs from it. What follows (its own export, then a clean-up whose overlay unmount
+                    # syncs the whole filesystem: 0.6 s of a 1 GiB migration's downtime, measured) is not
+                    # waited for: the peer gets the end of the archive, and its seal, meanwhile.
+                    if await _podman_state_written(dump, status, status_before):
+                        await images
+                        dumps = await complete()
+                        sealed = time.monotonic() - started
+                        if archived is not None:
+                            await archived()
+                out = await dump
+                runtime = time.monotonic() - started
+                if images is not None:
                     await images
+                if out.returncode != 0 and sealed is None:
+                    await asyncio.to_thread(self._pages_back, static)
+                    raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
+                if out.returncode != 0:
+                    # CRIU succeeded (runc said so) and the archive is sealed from its complete images;
+                    # podman's own export or clean-up failed. The peer may be restoring already: failing
+                    # now would remove a working copy there for a resume here that podman's state may
+                    # refuse. The migration goes on (a resume still puts the pages back first).
+                    log.warning("podman failed after the archive was sealed; the migration goes on",
+                                container=name, error=_criu_tail(out.stderr))
+                if images is None:   # no notice came (an old wrapper); podman has finished anyway
+                    await asyncio.to_thread(self._archive_images, writer, follower, static, aside)
+                if dumps is None:
                     dumps = await complete()
-                    sealed = time.monotonic() - started
-                    if archived is not None:
-                        await archived()
-            out = await dump
-            runtime = time.monotonic() - started
-            if images is not None:
-                await images
-            if out.returncode != 0 and sealed is None:
-                await asyncio.to_thread(self._pages_back, static)
-                raise RuntimeFailure(f"CRIU could not checkpoint {name}: {_criu_tail(out.stderr)}")
-            if out.returncode != 0:
-                # CRIU succeeded (runc said so) and the archive is sealed from its complete images;
-                # podman's own export or clean-up failed. The peer may be restoring already: failing
-                # now would remove a working copy there for a resume here that podman's state may
-                # refuse. The migration goes on (a resume still puts the pages back first).
-                log.warning("podman failed after the archive was sealed; the migration goes on",
-                            container=name, error=_criu_tail(out.stderr))
-            if images is None:   # no notice came (an old wrapper); podman has finished anyway
-                await asyncio.to_thread(self._archive_images, writer, follower, static, aside)
-            if dumps is None:
-                dumps = await complete()
-        finally:
-            stop.set()
-            for task in (following, images):
-                if task is not None and not task.done():
-                    await asyncio.gather(task, return_exceptions=True)
-            writer.abandon()
-            self._clear_requests(cid, "aside", "dumped", "started")
-            freezing()   # once only: if runc never started, the dump failed
-        criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
-        phases = {"runtime": runtime, "archive": time.monotonic() - started - runtime, "prepare": prepare}
-        if sealed is not None:   # the archive was complete before podman was: seconds from podman's start
-            phases["sealed"] = sealed
-        return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
-                         phases)
+            finally:
+                stop.set()
+                for task in (following, images):
+                    if task is not None and not task.done():
+                        await asyncio.gather(task, return_exceptions=True)
+                writer.abandon()
+                self._clear_requests(cid, "aside", "dumped", "started")
+                freezing()   # once only: if runc never started, the dump failed
+            criu = {k: int(v) for k, v in (_first_container_stats(out.stdout).get("criu_statistics") or {}).items()}
+            phases = {"runtime": runtime, "archive": time.monotonic() - started - runtime, "prepare": prepare}
+            if sealed is not None:   # the archive was complete before podman was: seconds from podman's start
+                phases["sealed"] = sealed
+            return DumpStats(time.monotonic() - started, criu or _stats(dumps.get("stats-dump")),
+                             phases)
 
     async def _until_frozen(self, cid: str, pid: int, dump: asyncio.Future,
                             freezing: Callable[[], None]) -> float:

@@ -623,6 +623,29 @@ def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(clust
     running[0].podman("rm", "-f", "-t", "0", web)
 
 
+def test_migrate_carries_a_volume_podman_mounts_and_unmounts_itself(cluster):
+    """A tmpfs named volume lives only while podman keeps it mounted: its clean-up after the dump
+    unmounts it, possibly while the agent still archives it."""
+    cluster.wait_hosts_up(["host-a", "host-b"])
+    a, b = cluster.hosts["host-a"], cluster.hosts["host-b"]
+    web, vol = name("tmpv"), name("tmpfsvol")
+    a.podman("volume", "create", "--opt", "type=tmpfs", "--opt", "device=tmpfs", "--opt", "o=nodev", vol)
+    a.podman("run", "-d", "--network", "none", "--name", web, "-v", f"{vol}:/vol", "localhost/stasis-memhold:1",
+             "/bin/sh", "-c", "dd if=/dev/urandom of=/vol/big bs=1M count=48 2>/dev/null; "
+                              "touch /vol/done; exec sleep 100000")
+    deadline = time.monotonic() + 30
+    while a.podman("exec", web, "test", "-e", "/vol/done", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the workload did not fill its volume"
+        time.sleep(0.2)
+    digest = a.exec(web, "md5sum", "/vol/big").split()[0]
+    job = cluster.cli_json("migrate", f"host-a/{web}", "--to", "host-b")
+    assert job["state"] == "succeeded", job["error"]
+    assert b.exec(web, "md5sum", "/vol/big").split()[0] == digest
+    with open(os.path.join(cluster.base, "agent-host-a.log")) as f:   # not by luck: it was held
+        assert f"volume held for the archive through podman's unmount volume={vol}" in f.read()
+    b.podman("rm", "-f", "-t", "0", web)
+
+
 def test_ignore_volumes_leaves_named_volumes_to_shared_storage(cluster):
     """--ignore-volumes: both hosts mount the volume (here: one of the same name on each, standing
     in for shared storage); the destination's is used, its contents are not overwritten."""

@@ -1,0 +1,71 @@
+"""Keep a named volume readable after podman unmounts it.
+
+podman mounts a volume created with mount options (a tmpfs volume, an NFS one) when its container
+starts and unmounts it in the clean-up after a checkpoint. A direct migration archives the volumes
+while podman finishes, so that unmount can come mid-read: a tmpfs volume would arrive partly or
+wholly empty. A read-only bind mount of each such volume, taken before the dump, keeps its contents
+reachable (the bind holds the filesystem) until the archive has them.
+
+Read-only because the bind lies under the dump's scratch folder, which is deleted afterwards: should
+the release ever be skipped (the agent killed), a delete of that folder fails instead of emptying
+the volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Iterator
+
+import structlog
+
+from stasis.errors import RuntimeFailure
+
+log = structlog.get_logger()
+
+MS_RDONLY, MS_REMOUNT, MS_BIND = 0x1, 0x20, 0x1000
+MNT_DETACH = 0x2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    if _libc.mount(source.encode() if source else None, target.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _release(target: str) -> None:
+    # Detached at once: nothing under the scratch folder reaches the volume from here on.
+    if _libc.umount2(target.encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        log.warning("could not release a volume held for the archive", path=target, error=os.strerror(err))
+
+
+@contextlib.contextmanager
+def held(volumes: dict[str, str], folder: str) -> Iterator[dict[str, str]]:
+    """Yield `volumes` (name -> folder) with every mounted one replaced by a read-only bind of it
+    under `folder`; the binds are released on exit. Fails, before anything is frozen, when a bind
+    cannot be made: the archive would otherwise lose the volume's contents without a word."""
+    paths = dict(volumes)
+    taken: list[str] = []
+    try:
+        for name, source in volumes.items():
+            if not os.path.ismount(source):
+                continue   # a plain folder podman does not unmount
+            target = os.path.join(folder, name)
+            try:
+                os.makedirs(target, exist_ok=True)
+                _mount(source, target, MS_BIND)
+                taken.append(target)
+                _mount(None, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            except OSError as exc:
+                raise RuntimeFailure(f"could not hold volume {name} open for the migration archive "
+                                     f"({exc.strerror}: {exc.filename}); nothing was frozen. The agent "
+                                     f"needs root and a writable work folder") from None
+            paths[name] = target
+            log.info("volume held for the archive through podman's unmount", volume=name)
+        yield paths
+    finally:
+        for target in taken:
+            _release(target)
