@@ -3,8 +3,10 @@ as mount namespaces, each with its own container store, driven through the `stas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess as sp
 import time
 import uuid
@@ -572,6 +574,19 @@ def test_migrate_carries_tcp_connection_named_volume_shm_locks_and_process_tree(
     b.podman("rm", "-f", "-t", "0", web)
 
 
+def _job_in_store(cluster, container: str) -> dict | None:
+    """The newest job on `container`, read from the controller's database itself: a phase can pass
+    in less time than a CLI process takes to start, and the kill must land inside it."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{cluster.base}/controller.db?mode=ro", uri=True,
+                                                timeout=1)) as db:
+            rows = db.execute("SELECT id, phase, params FROM jobs ORDER BY created DESC LIMIT 5").fetchall()
+    except sqlite3.OperationalError:   # the controller is writing; look again
+        return None
+    return next(({"id": i, "phase": p} for i, p, params in rows if json.loads(params).get("container") == container),
+                None)
+
+
 @pytest.mark.parametrize("phase", ["checkpoint", "restore"])
 def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(cluster, phase):
     a = cluster.hosts["host-a"]
@@ -593,11 +608,10 @@ def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(clust
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (job is None or job["phase"] != phase):
-            job = next((j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web),
-                       None)
+            job = _job_in_store(cluster, web)
             if job is None and proc.poll() is not None:   # refused before it became a job: say why
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         assert job is not None and job["phase"] == phase, (job, proc.poll() is not None and proc.communicate())
         cluster.controller.kill()                      # no clean shutdown: a crash
         cluster.controller.wait()
