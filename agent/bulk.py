@@ -42,6 +42,10 @@ DATA, ZSTD, END, KEEPALIVE = 0, 1, 2, 3   # KEEPALIVE: the dump is slow, the sou
 TOKEN = 32                # bytes
 MAX_FRAME = (1 << 20) + (1 << 16)   # one chunk, or its zstd frame (never much larger: see transfer._frame)
 HANDSHAKE_TIMEOUT = 10.0  # seconds a dialer has to prove itself and present its token
+# Seconds the destination's TCP connect may take. Agents are meant to reach each other directly, where
+# a connect takes milliseconds; 3 s allows a lost SYN's retransmission (1 s). A firewall that drops the
+# port instead of refusing it then costs 3 s of downtime before the bytes go over gRPC, not 10.
+CONNECT_TIMEOUT = 3.0
 IDLE_TIMEOUT = 60.0       # seconds without a byte after which the peer is taken for gone
 KEEPALIVE_EVERY = 5.0     # seconds the source may wait on the dump before it says it is still there
 MAX_ADMITTING = 16        # handshakes at once: more are dropped, so a flood cannot pin threads
@@ -236,10 +240,11 @@ def dial(transport: Transport, host: str, port: int, server_name: str, token: by
     if len(token) != TOKEN or not 0 < port < 65536:
         raise IntegrityError(f"the source offered a malformed bulk channel (port {port})")
     try:
-        raw = socket.create_connection((host, port), timeout=timeout)
+        raw = socket.create_connection((host, port), timeout=min(timeout, CONNECT_TIMEOUT))
     except OSError as e:
         raise Unavailable(f"cannot connect to {host}:{port} ({e.strerror or e})") from None
     try:
+        raw.settimeout(timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ctx = _Contexts(transport).get(server=False)
         sock = ctx.wrap_socket(raw, server_hostname=server_name) if ctx else raw

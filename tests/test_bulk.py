@@ -7,6 +7,7 @@ import asyncio
 import os
 import secrets
 import socket
+import time
 
 import pytest
 
@@ -161,3 +162,23 @@ async def test_the_right_token_declined_by_another_agent_stops_the_transfer(list
         await asyncio.to_thread(listener.decline, token, "host-c", "")
     with pytest.raises(PermissionDenied, match="transfer to agent:host-b"):
         await asyncio.wait_for(bulk.accepted(listener, token, waiting, 600), 10)
+
+
+def test_a_port_that_drops_the_connect_fails_the_dial_after_the_connect_timeout(pki, monkeypatch):
+    """A firewall that drops packets, rather than refusing them, leaves a connect hanging: the dial
+    gives up after CONNECT_TIMEOUT, not the handshake's longer one, so the destination declines the
+    channel soon. On loopback a full accept queue drops further SYNs the same way."""
+    monkeypatch.setattr(bulk, "CONNECT_TIMEOUT", 0.5)
+    black = socket.socket()
+    black.bind(("127.0.0.1", 0))
+    black.listen(0)
+    queued = socket.create_connection(black.getsockname(), timeout=5)   # fills the queue, never accepted
+    try:
+        started = time.monotonic()
+        with pytest.raises(bulk.Unavailable, match="cannot connect to 127.0.0.1"):
+            bulk.dial(agent(pki[0], "host-b"), "127.0.0.1", black.getsockname()[1], agent_server_name("host-a"),
+                      secrets.token_bytes(bulk.TOKEN))
+        assert time.monotonic() - started < bulk.HANDSHAKE_TIMEOUT / 2
+    finally:
+        queued.close()
+        black.close()
