@@ -655,6 +655,8 @@ def test_migrate_carries_a_volume_podman_mounts_and_unmounts_itself(cluster):
     job = cluster.cli_json("migrate", f"host-a/{web}", "--to", "host-b")
     assert job["state"] == "succeeded", job["error"]
     assert b.exec(web, "md5sum", "/vol/big").split()[0] == digest
+    # As podman's own import does, the destination recreates it as a plain volume.
+    assert json.loads(b.podman("volume", "inspect", vol).stdout)[0]["Options"] == {}
     with open(os.path.join(cluster.base, "agent-host-a.log")) as f:   # not by luck: it was held
         assert f"volume held for the archive through podman's unmount volume={vol}" in f.read()
     b.podman("rm", "-f", "-t", "0", web)
