@@ -22,6 +22,7 @@ import structlog
 from stasis.agent import bulk, failpoints, pages, pool, transfer
 from stasis.agent.pages import free_loopback_port
 from stasis.agent.memory_left import MemoryLeft
+from stasis.agent.restoring import Restoring
 from stasis.agent.podman import check_name
 from stasis.agent.probe import CRIU_RUNDIR, cpuinfo_check, cpuinfo_dump, criu_cache, criu_version, probe
 from stasis.agent.runtime import ContainerInfo, Runtime
@@ -110,6 +111,8 @@ class AgentService:
         # Source: containers whose post-copy dump served every page. Their images here hold no
         # memory, so they can never be resumed from them.
         self._memory_left = MemoryLeft(os.path.join(work_dir, "memory-left"))
+        # Destination: migrated containers whose restore began and was not yet reported.
+        self._restoring = Restoring(os.path.join(work_dir, "restoring"))
 
     # ------------------------------------------------------------------ queries
 
@@ -557,7 +560,7 @@ class AgentService:
                 timings["download"] = time.monotonic() - started
             if image_task is not None:
                 await image_task
-            await failpoints.pause("restore.pause")
+            await failpoints.pause("restore.pause_before_runtime")
             failpoints.hit("restore.before_runtime")
             emit("restore", f"restoring {name} with CRIU", 0, 0)
             if receiver is not None and receiver.post_copy:
@@ -569,6 +572,8 @@ class AgentService:
                     ran.append(True)
                     emit("running", f"{name} runs; its memory follows from {receiver.peer}" if relay is not None
                          else f"{name} runs", 0, 0)
+            if name == manifest.container.name:   # the runtime keeps its id: undone by id should this agent die
+                self._restoring.begin(manifest.container.id, name)
             stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
                                                ignore_volumes=ignore_volumes,
                                                pages_port=await relay.start() if relay else 0,
@@ -594,6 +599,8 @@ class AgentService:
                 received = await relay.done
                 timings["pages"] = time.monotonic() - started
                 log.info("post-copy complete", container=name, bytes=received, seconds=round(timings["pages"], 3))
+            await failpoints.pause("restore.pause_after_runtime")
+            self._restoring.end(manifest.container.id)   # before anyone is told: see restoring.py
             log.info("checkpoint restored", checkpoint=manifest.id, container=name,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return RestoreOutcome(info, timings)
@@ -623,6 +630,29 @@ class AgentService:
 
     async def _has_image(self, manifest: Manifest) -> bool:
         return self.runtime.archive_includes_image or await self.runtime.image_exists(manifest.container.image_id)
+
+    async def remove_unfinished_restores(self) -> None:
+        """Before serving any call: remove the containers whose restore an agent killed mid-way began
+        and never reported (restoring.py). A failure is logged and retried at the next start."""
+        for left in self._restoring.unfinished():
+            try:
+                info = await self.runtime.inspect(left.name)
+            except NotFound:
+                info = None
+            except StasisError as exc:
+                log.error("could not check a container whose restore a previous agent left unfinished",
+                          container=left.name, error=exc.message)
+                continue
+            if info is not None and info.id == left.container_id:
+                log.warning("removing a container whose restore a previous agent began and never reported; "
+                            "its migration was rolled back", container=left.name, state=info.state)
+                try:
+                    await self.runtime.remove(left.name, force=True)
+                except StasisError as exc:
+                    log.error("could not remove a container whose restore a previous agent left unfinished",
+                              container=left.name, error=exc.message)
+                    continue
+            self._restoring.end(left.container_id)
 
     async def _exists(self, name: str) -> bool:
         try:

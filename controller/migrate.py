@@ -60,6 +60,7 @@ class Migration:
         self.running_at: float | None = None   # when the destination reported the container runs
         self.freezing_at: float | None = None  # when the source reported its dump beginning
         self.post_copy_dump: asyncio.Future | None = None   # the source's Checkpoint call, post-copy
+        self.destination_restoring = False   # the destination said its runtime began restoring
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
@@ -257,6 +258,8 @@ class Migration:
     async def _restore(self, job: "Job", ckpt_id: str, peer: AgentClient | None, ticket: bytes,
                        resumed_restore: bool) -> pb.RestoreResult:
         def progress(p: pb.Progress) -> None:
+            if p.phase in ("restore", "running"):   # the destination's runtime has begun making the container
+                self.destination_restoring = True
             if p.phase == "running" and self.running_at is None:   # restored; its checks follow
                 self.running_at = time.monotonic()
             job.publish(p)
@@ -332,6 +335,10 @@ class Migration:
                     pass
                 except StasisError as exc:
                     problems.append(f"destination clean-up: {exc.message}")
+                    if self.destination_restoring:
+                        problems.append(f"{self.container} may also run on {self.destination.name} until its "
+                                        f"agent is back, which then removes it (an agent removes the restores "
+                                        f"it began and never reported)")
             try:
                 await self.source.resume(self.container)
             except StasisError as exc:

@@ -9,9 +9,10 @@ import os
 import pytest
 
 from stasis.agent.runtime import ContainerInfo, DumpStats, RestoreStats, Runtime
+from stasis.agent.restoring import Restoring, Unfinished
 from stasis.agent.service import AgentService
 from stasis.errors import (AlreadyExists, FailedPrecondition, IntegrityError, NotFound, PermissionDenied,
-                           StasisError)
+                           RuntimeFailure, StasisError)
 from stasis.storage.repository import Repository
 
 IMAGE_ID = "a" * 64
@@ -164,6 +165,45 @@ async def test_a_container_whose_memory_left_by_post_copy_is_never_resumed_from_
     await agent.checkpoint("op2", "web", False, repo_url, "", noop)
     await agent.resume("web")
     assert "resume" in agent.runtime.calls
+
+
+async def test_a_restore_an_agent_never_reported_is_removed_by_the_next_agent(agent, repo_url, monkeypatch):
+    m = await agent.checkpoint("op1", "web", False, repo_url, "", noop)
+    agent.runtime.containers.pop("web")
+    outcome = await agent.restore("op2", m.id, repo_url, "", noop)   # reported: nothing is left to undo
+    journal = Restoring(os.path.join(agent.work_dir, "restoring"))
+    assert outcome.container.state == "running" and journal.unfinished() == []
+    agent.runtime.containers.pop("web")
+
+    async def made_then_failed(archive, name, **_kw):   # the runtime made it; the agent never said so
+        agent.runtime.containers[name] = ContainerInfo(m.container.id, name, "localhost/x:1", IMAGE_ID, "running")
+        raise RuntimeFailure("killed")
+    monkeypatch.setattr(agent.runtime, "restore", made_then_failed)
+    with pytest.raises(RuntimeFailure):
+        await agent.restore("op3", m.id, repo_url, "", noop)
+    # The next agent on this work folder removes it before it serves.
+    await AgentService("host-a", agent.runtime, agent.work_dir, repo_url, PASSWORD).remove_unfinished_restores()
+    assert "web" not in agent.runtime.containers
+    # A container of that name made since, with another id, is never touched.
+    with pytest.raises(RuntimeFailure):
+        await agent.restore("op4", m.id, repo_url, "", noop)
+    agent.runtime.containers["web"] = ContainerInfo("d" * 64, "web", "localhost/x:1", IMAGE_ID, "running")
+    again = AgentService("host-a", agent.runtime, agent.work_dir, repo_url, PASSWORD)
+    await again.remove_unfinished_restores()
+    assert agent.runtime.containers["web"].id == "d" * 64
+    assert journal.unfinished() == []
+
+
+def test_the_restore_journal_skips_what_it_cannot_read(tmp_path):
+    journal = Restoring(str(tmp_path))
+    journal.begin("a" * 64, "web")
+    (tmp_path / "junk").write_text("{not json")
+    (tmp_path / "half.tmp").write_text("")
+    assert journal.unfinished() == [Unfinished("a" * 64, "web")]
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(journal._path("a" * 64))]
+    journal.end("a" * 64)
+    journal.end("a" * 64)   # twice is fine
+    assert journal.unfinished() == []
 
 
 async def test_preflight_of_a_direct_migration_readies_memory_for_its_pages(agent, tmp_path):

@@ -138,9 +138,10 @@ def _tail(path: str, lines: int = 40) -> str:
         return f"({e})"
 
 
-def _kill_destination_in_phase(cluster, tag: str, mib: int, phase: str, *flags: str) -> tuple[dict, dict, str]:
-    """Migrate a fresh workload to a host of its own and SIGKILL that host's agent once the job
-    reaches `phase`; (the job, the workload's status before, its name)."""
+def _kill_destination_in_phase(cluster, tag: str, mib: int, phase: str, *flags: str,
+                               after: float = 0.0) -> tuple[dict, dict, str]:
+    """Migrate a fresh workload to a host of its own and SIGKILL that host's agent `after` seconds
+    into the job's `phase`; (the job, the workload's status before, its name)."""
     a = cluster.hosts["host-a"]
     dst = cluster.add_host(f"host-{tag}-{cluster.backend}")
     cluster.wait_hosts_up([dst.name])
@@ -152,15 +153,17 @@ def _kill_destination_in_phase(cluster, tag: str, mib: int, phase: str, *flags: 
                     text=True)
     try:
         deadline = time.monotonic() + 60
+        job = None
         while time.monotonic() < deadline:
-            jobs = [j for j in cluster.cli_json("jobs", "--limit", "5") if j["params"].get("container") == web]
-            if jobs and jobs[0]["phase"] == phase:
+            job = _job_in_store(cluster, web)
+            if job and job["phase"] == phase:
                 break
-            time.sleep(0.05)
-        if not (jobs and jobs[0]["phase"] == phase):   # seen once in a full local run, not alone
-            raise AssertionError(f"the job never showed phase {phase}: {jobs}\n" + "\n".join(
-                f"--- {log}\n" + _tail(os.path.join(cluster.base, log))
-                for log in ("controller.log", "agent-host-a.log", f"agent-{dst.name}.log")))
+            time.sleep(0.01)
+        else:
+            logs = ("controller.log", "agent-host-a.log", f"agent-{dst.name}.log")
+            raise AssertionError(f"the job never showed phase {phase}: {job}\n" + "\n".join(
+                f"--- {log}\n" + _tail(os.path.join(cluster.base, log)) for log in logs))
+        time.sleep(after)
         dst.proc.kill()
         try:
             out, _ = proc.communicate(timeout=120)
@@ -176,14 +179,56 @@ def _kill_destination_in_phase(cluster, tag: str, mib: int, phase: str, *flags: 
 
 def test_killing_the_destination_agent_during_the_transfer_leaves_the_source_running(cluster):
     a = cluster.hosts["host-a"]
-    # Killed while the destination is receiving.
-    job, before, web = _kill_destination_in_phase(cluster, "kill", 256, "restore")
+    # Killed while the destination is receiving: its fetch is open from the start of the source's
+    # dump, and the bytes come while CRIU writes them (a direct restore phase can be too short to hit).
+    job, before, web = _kill_destination_in_phase(cluster, "kill", 512, "checkpoint", after=0.5)
+    print("JOBERR", job["error"], job["timings"])
     # Rolled back; the dead destination's clean-up is reported, not hidden.
     assert job["state"] in ("rolled_back", "failed"), job
     assert "rollback" in job["timings"]
     after = a.verify_memory(web)
     assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
     assert a.podman("inspect", "--format", "{{.State.Status}}", web).stdout.strip() == "running"
+
+
+def test_a_destination_agent_killed_after_its_restore_removes_that_copy_when_it_is_back(cluster):
+    """The destination's runtime has restored the container, and its agent dies before it can say
+    so: the controller rolls back (the source resumes) and cannot reach the copy there. The next
+    agent on that host removes it before it serves a call."""
+    a = cluster.hosts["host-a"]
+    dst = cluster.add_host(f"host-late-{cluster.backend}",
+                           extra_env={"STASIS_FAILPOINTS": "restore.pause_after_runtime"})
+    cluster.wait_hosts_up([dst.name])
+    web = name("late")
+    a.run_workload(web, MIB)
+    before = a.status(web)
+    proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
+                     "--to", dst.name, "--json"], env=cluster.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c["Names"][0] == web and c["State"] == "running" for c in dst.containers()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.poll() is not None and proc.communicate()
+            time.sleep(0.05)
+        dst.proc.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job = json.loads(out)
+    assert job["state"] == "failed" and f"may also run on {dst.name} until its agent is back" in job["error"], job
+    after = a.verify_memory(web)
+    assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
+    # Two copies run for now. (The dead agent's namespace is gone with it: look from a new one.)
+    seen = sp.run(cluster.in_host_namespace(dst, ["podman", "ps", "-a", "--format", "json"]),
+                  capture_output=True, text=True, check=True).stdout
+    assert [c["State"] for c in json.loads(seen or "[]") if c["Names"][0] == web] == ["running"]
+    cluster.start_agent(dst)   # its next agent, failpoint disarmed
+    cluster.wait_hosts_up([dst.name])   # it registers once it serves, and it serves once it has removed it
+    deadline = time.monotonic() + 30   # (its port takes connections a little before: grpc binds early)
+    while web in [c["Names"][0] for c in dst.containers()]:
+        assert time.monotonic() < deadline, _tail(os.path.join(cluster.base, f"agent-{dst.name}.log"))
+        time.sleep(0.2)
+    a.podman("rm", "-f", "-t", "0", web)
 
 
 def test_restore_ships_image_missing_on_destination(cluster):
@@ -594,7 +639,8 @@ def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(clust
     if phase == "restore":
         # A direct restore can end within a few hundred milliseconds of the source's dump, quicker
         # than the job list can be polled; this destination holds the phase open for a few seconds.
-        b = cluster.add_host(f"host-hold-{cluster.backend}", extra_env={"STASIS_FAILPOINTS": "restore.pause"})
+        b = cluster.add_host(f"host-hold-{cluster.backend}",
+                             extra_env={"STASIS_FAILPOINTS": "restore.pause_before_runtime"})
         cluster.wait_hosts_up([b.name])
         b.import_image("localhost/stasis-memhold:1")
     else:

@@ -13,16 +13,17 @@ def test_nothing_is_armed_by_default(monkeypatch):
     monkeypatch.delenv("STASIS_FAILPOINTS", raising=False)
     failpoints.hit("restore.before_runtime")   # does not raise
     started = time.monotonic()
-    asyncio.run(failpoints.pause("restore.pause"))
+    asyncio.run(failpoints.pause("restore.pause_before_runtime"))
     assert time.monotonic() - started < 0.05
 
 
 def test_an_armed_hit_fails_and_an_armed_pause_holds(monkeypatch):
-    monkeypatch.setenv("STASIS_FAILPOINTS", " transfer.corrupt_byte, restore.pause ,restore.before_runtime")
+    monkeypatch.setenv("STASIS_FAILPOINTS", " transfer.corrupt_byte, restore.pause_before_runtime ,"
+                                            "restore.before_runtime")
     monkeypatch.setattr(failpoints, "PAUSE", 0.2)
-    assert failpoints.armed() == {"transfer.corrupt_byte", "restore.pause", "restore.before_runtime"}
+    assert failpoints.armed() == {"transfer.corrupt_byte", "restore.pause_before_runtime", "restore.before_runtime"}
     with pytest.raises(RuntimeFailure, match="restore.before_runtime"):
         failpoints.hit("restore.before_runtime")
     started = time.monotonic()
-    asyncio.run(failpoints.pause("restore.pause"))
+    asyncio.run(failpoints.pause("restore.pause_before_runtime"))
     assert time.monotonic() - started >= 0.2

@@ -1,0 +1,64 @@
+"""Restores this agent began and has not reported, kept on disk so a restarted agent can undo them.
+
+An agent killed while its runtime restores a migrated container leaves what the runtime made (a
+container that may even run) where the controller cannot reach it: the controller's rollback finds
+the agent gone and resumes the source. The next agent removes it before it serves any call, so two
+copies do not outlive the dead agent.
+
+An entry is written before the runtime starts and removed once the restore has
+succeeded, before the agent reports it: an entry left behind means nobody was told of the
+container, so nothing was committed on it. A failed restore keeps its entry; the controller's
+rollback removes the container and the sweep then finds nothing. Keyed by container id (a migrated
+container keeps its id): a container of the same name made since is never touched. Not fsynced: the
+write is on the downtime's path (an fsync waits behind the pages being written back, 0.3 s measured),
+and what it guards against is the agent's death, which the page cache survives; a host that crashes
+takes the container with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    container_id: str
+    name: str
+
+
+class Restoring:
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+
+    def _path(self, container_id: str) -> str:
+        return os.path.join(self.folder, hashlib.sha256(container_id.encode()).hexdigest())
+
+    def begin(self, container_id: str, name: str) -> None:
+        path = self._path(container_id)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"id": container_id, "name": name}, f)
+        os.replace(path + ".tmp", path)
+
+    def end(self, container_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(container_id))
+
+    def unfinished(self) -> list[Unfinished]:
+        found = []
+        for entry in sorted(os.listdir(self.folder)):
+            path = os.path.join(self.folder, entry)
+            if entry.endswith(".tmp"):   # written when the agent died: its runtime never started
+                os.unlink(path)
+                continue
+            try:
+                with open(path) as f:
+                    doc = json.load(f)
+                found.append(Unfinished(str(doc["id"]), str(doc["name"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                os.unlink(path)   # unreadable: nothing can be matched against it
+        return found
