@@ -182,7 +182,6 @@ def test_killing_the_destination_agent_during_the_transfer_leaves_the_source_run
     # Killed while the destination is receiving: its fetch is open from the start of the source's
     # dump, and the bytes come while CRIU writes them (a direct restore phase can be too short to hit).
     job, before, web = _kill_destination_in_phase(cluster, "kill", 512, "checkpoint", after=0.5)
-    print("JOBERR", job["error"], job["timings"])
     # Rolled back; the dead destination's clean-up is reported, not hidden.
     assert job["state"] in ("rolled_back", "failed"), job
     assert "rollback" in job["timings"]
