@@ -13,7 +13,7 @@ import os
 
 from stasis.errors import RuntimeFailure
 
-PAUSE = 4.0   # seconds a pause failpoint holds: long enough for a test to act inside the phase
+PAUSE = 4.0   # seconds a pause failpoint holds (STASIS_FAILPOINT_PAUSE sets it): a test acts inside
 
 
 def armed() -> set[str]:
@@ -27,4 +27,4 @@ def hit(name: str) -> None:
 
 async def pause(name: str) -> None:
     if name in armed():
-        await asyncio.sleep(PAUSE)
+        await asyncio.sleep(float(os.environ.get("STASIS_FAILPOINT_PAUSE") or PAUSE))

@@ -50,8 +50,8 @@ class PodmanRuntime(Runtime):
         self._landing: str | None = None
         self._sweep_landing = False
 
-    async def _podman(self, *args: str, timeout: float = 120.0, check: bool = True):
-        return await run([self.podman, *args], timeout=timeout, check=check)
+    async def _podman(self, *args: str, timeout: float = 120.0, check: bool = True, die_with_agent: bool = False):
+        return await run([self.podman, *args], timeout=timeout, check=check, die_with_agent=die_with_agent)
 
     async def version(self) -> str:
         out = await self._podman("version", "--format", "json")
@@ -179,8 +179,10 @@ class PodmanRuntime(Runtime):
         args = ["--name", name, "--file-locks"] if renamed else list(CARRY)
         if ignore_volumes:
             args.append("--ignore-volumes")
+        # An agent that dies mid-restore takes podman with it: finishing unseen, it could leave a
+        # running copy after the controller has resumed the source (restoring.py undoes what remains).
         out = await self._podman("container", "restore", "--import", archive, "--print-stats", *args,
-                                 timeout=DUMP_TIMEOUT, check=False)
+                                 timeout=DUMP_TIMEOUT, check=False, die_with_agent=True)
         seconds = time.monotonic() - started
         if out.returncode != 0:
             if "already in use" in out.stderr:

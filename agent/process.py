@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from dataclasses import dataclass
 
 from stasis.errors import DeadlineExceeded, RuntimeFailure
@@ -22,11 +23,18 @@ def tail(text: str, lines: int = 8) -> str:
     return " | ".join(kept[-lines:])
 
 
+# setpriv (util-linux) sets a death signal before it execs: prctl(PR_SET_PDEATHSIG) from Python would
+# need preexec_fn, which is unsafe in a process with threads.
+SETPRIV = shutil.which("setpriv")
+
+
 async def run(argv: list[str], timeout: float = 120.0, check: bool = True,
-              env: dict[str, str] | None = None) -> Result:
-    """Run argv; on a non-zero exit raise RuntimeFailure carrying the tail of its stderr."""
+              env: dict[str, str] | None = None, die_with_agent: bool = False) -> Result:
+    """Run argv; on a non-zero exit raise RuntimeFailure carrying the tail of its stderr.
+    `die_with_agent`: killed when this process dies, rather than finishing unseen."""
+    wrapped = [SETPRIV, "--pdeathsig", "KILL", "--", *argv] if die_with_agent and SETPRIV else argv
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        *wrapped, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -9,10 +9,12 @@ An entry is written before the runtime starts and removed once the restore has
 succeeded, before the agent reports it: an entry left behind means nobody was told of the
 container, so nothing was committed on it. A failed restore keeps its entry; the controller's
 rollback removes the container and the sweep then finds nothing. Keyed by container id (a migrated
-container keeps its id): a container of the same name made since is never touched. Not fsynced: the
-write is on the downtime's path (an fsync waits behind the pages being written back, 0.3 s measured),
-and what it guards against is the agent's death, which the page cache survives; a host that crashes
-takes the container with it.
+container keeps its id): a container of the same name made since is never touched.
+
+Not fsynced: the write is on the downtime's path (an fsync waits behind the pages being written back,
+0.3 s measured), and what it guards against is the agent's death, which the page cache survives.
+After a reboot no copy runs, and an entry's end may have been lost with the page cache: entries
+carry the boot they were written in, and one from an earlier boot is dropped, never acted on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    with open(BOOT_ID) as f:
+        return f.read().strip()
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class Restoring:
     def begin(self, container_id: str, name: str) -> None:
         path = self._path(container_id)
         with open(path + ".tmp", "w") as f:
-            json.dump({"id": container_id, "name": name}, f)
+            json.dump({"id": container_id, "name": name, "boot": boot_id()}, f)
         os.replace(path + ".tmp", path)
 
     def end(self, container_id: str) -> None:
@@ -49,16 +59,18 @@ class Restoring:
             os.unlink(self._path(container_id))
 
     def unfinished(self) -> list[Unfinished]:
-        found = []
+        """Entries of this boot; the rest (half-written, unreadable, an earlier boot's) are dropped."""
+        found, boot = [], boot_id()
         for entry in sorted(os.listdir(self.folder)):
             path = os.path.join(self.folder, entry)
-            if entry.endswith(".tmp"):   # written when the agent died: its runtime never started
-                os.unlink(path)
-                continue
             try:
                 with open(path) as f:
                     doc = json.load(f)
-                found.append(Unfinished(str(doc["id"]), str(doc["name"])))
+                if not entry.endswith(".tmp") and doc["boot"] == boot:
+                    found.append(Unfinished(str(doc["id"]), str(doc["name"])))
+                    continue
             except (OSError, ValueError, KeyError, TypeError):
-                os.unlink(path)   # unreadable: nothing can be matched against it
+                pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         return found

@@ -189,7 +189,7 @@ async def serve(service: AgentService, listen: str, controller: str | None, adve
     server = build_server(service, listen, transport)
     if bulk_listen != "off":
         service.bulk = bulk.Listener(transport, bulk_listen or f"{bulk.host_of(listen)}:0", service.deny)
-    await service.remove_unfinished_restores()   # before a caller can see them
+    await service.clean_up_after_a_killed_agent()   # before a caller can see what it left
     await server.start()
     address = advertise or listen
     log.info("agent listening", address=listen, bulk_port=service.bulk.port if service.bulk else "off",

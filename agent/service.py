@@ -19,7 +19,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
 
-from stasis.agent import bulk, failpoints, pages, pool, transfer
+from stasis.agent import bulk, failpoints, pages, pool, transfer, volume_hold
 from stasis.agent.pages import free_loopback_port
 from stasis.agent.memory_left import MemoryLeft
 from stasis.agent.restoring import Restoring
@@ -528,6 +528,7 @@ class AgentService:
         image_task = None
         relay = None
         pages_dir = taken = ""
+        journaled = False
         try:
             stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
             if need_image and (receiver is None or manifest.image is not None):
@@ -572,7 +573,9 @@ class AgentService:
                     ran.append(True)
                     emit("running", f"{name} runs; its memory follows from {receiver.peer}" if relay is not None
                          else f"{name} runs", 0, 0)
-            if name == manifest.container.name:   # the runtime keeps its id: undone by id should this agent die
+            if receiver is not None and name == manifest.container.name:
+                # A migration's copy, with the source's id: undone by id should this agent die unheard.
+                journaled = True
                 self._restoring.begin(manifest.container.id, name)
             stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
                                                ignore_volumes=ignore_volumes,
@@ -597,13 +600,22 @@ class AgentService:
                     raise RuntimeFailure(f"CRIU's lazy-pages daemon on {self.host_name} never asked for "
                                          f"{name}'s memory within {DAEMON_WAIT:.0f} s") from None
                 received = await relay.done
+                # Every page has left the source: this copy is the only one, never to be undone.
+                self._restoring.end(manifest.container.id)
                 timings["pages"] = time.monotonic() - started
                 log.info("post-copy complete", container=name, bytes=received, seconds=round(timings["pages"], 3))
             await failpoints.pause("restore.pause_after_runtime")
-            self._restoring.end(manifest.container.id)   # before anyone is told: see restoring.py
+            if journaled:
+                self._restoring.end(manifest.container.id)   # before anyone is told: see restoring.py
             log.info("checkpoint restored", checkpoint=manifest.id, container=name,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return RestoreOutcome(info, timings)
+        except Exception:
+            # Reported as it propagates: the controller's rollback removes what the runtime made. (Not
+            # on cancellation: an agent shutting down reports nothing, and its next start undoes it.)
+            if journaled:
+                self._restoring.end(manifest.container.id)
+            raise
         finally:
             if relay is not None and not relay.done.done():   # the restore failed: the source resumes
                 relay.abort(f"the post-copy restore of {name} on {self.host_name} failed")
@@ -631,28 +643,32 @@ class AgentService:
     async def _has_image(self, manifest: Manifest) -> bool:
         return self.runtime.archive_includes_image or await self.runtime.image_exists(manifest.container.image_id)
 
-    async def remove_unfinished_restores(self) -> None:
-        """Before serving any call: remove the containers whose restore an agent killed mid-way began
-        and never reported (restoring.py). A failure is logged and retried at the next start."""
-        for left in self._restoring.unfinished():
+    async def clean_up_after_a_killed_agent(self) -> None:
+        """Before serving any call: undo what an agent killed mid-work left. Volume holds of a dump
+        (volume_hold.py), and the containers whose restore it began and never reported
+        (restoring.py). A failure is logged, never fatal, and retried at the next start."""
+        stage = os.path.join(self.work_dir, "stage")
+        try:
+            for target in await asyncio.to_thread(volume_hold.release_under, stage):
+                log.warning("released a volume hold a killed agent left", path=target)
+            unfinished = self._restoring.unfinished()
+        except OSError as exc:
+            log.error("could not look for what a killed agent left", error=str(exc))
+            return
+        for left in unfinished:
             try:
-                info = await self.runtime.inspect(left.name)
-            except NotFound:
-                info = None
-            except StasisError as exc:
-                log.error("could not check a container whose restore a previous agent left unfinished",
-                          container=left.name, error=exc.message)
-                continue
-            if info is not None and info.id == left.container_id:
-                log.warning("removing a container whose restore a previous agent began and never reported; "
-                            "its migration was rolled back", container=left.name, state=info.state)
                 try:
+                    info = await self.runtime.inspect(left.name)
+                except NotFound:
+                    info = None
+                if info is not None and info.id == left.container_id:
+                    log.warning("removing a container whose restore a killed agent began and never reported; "
+                                "its migration was rolled back", container=left.name, state=info.state)
                     await self.runtime.remove(left.name, force=True)
-                except StasisError as exc:
-                    log.error("could not remove a container whose restore a previous agent left unfinished",
-                              container=left.name, error=exc.message)
-                    continue
-            self._restoring.end(left.container_id)
+                self._restoring.end(left.container_id)
+            except Exception as exc:  # noqa: BLE001 - the agent must start all the same
+                log.error("could not undo a restore a killed agent left unfinished", container=left.name,
+                          error=exc.message if isinstance(exc, StasisError) else repr(exc))
 
     async def _exists(self, name: str) -> bool:
         try:

@@ -23,7 +23,8 @@ import structlog
 from stasis.controller.agents import AgentClient
 from stasis.storage.repository import new_checkpoint_id
 from stasis.proto.v1 import stasis_pb2 as pb
-from stasis.errors import AlreadyExists, FailedPrecondition, NotFound, StasisError
+from stasis.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound, StasisError,
+                           Unavailable)
 from stasis.security import tickets
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Migration:
         self.freezing_at: float | None = None  # when the source reported its dump beginning
         self.post_copy_dump: asyncio.Future | None = None   # the source's Checkpoint call, post-copy
         self.destination_restoring = False   # the destination said its runtime began restoring
+        self.destination_runtime = ""        # learnt in preflight
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
@@ -197,6 +199,8 @@ class Migration:
         running = asyncio.Event()
 
         def progress(p: pb.Progress) -> None:
+            if p.phase in ("restore", "running"):
+                self.destination_restoring = True
             if p.phase == "running":   # the destination's restore is done: downtime ends
                 self.running_at = time.monotonic()
                 running.set()
@@ -276,6 +280,7 @@ class Migration:
     async def preflight(self) -> None:
         """Refuse before anything is frozen: every reason here leaves the source untouched."""
         src_info, dst_info = await self.source.host_info(), await self.destination.host_info()
+        self.destination_runtime = dst_info.runtime
         c = await self.source.inspect(self.container)
         if c.state != "running":
             raise FailedPrecondition(f"{self.container} on {self.source.name} is {c.state}, not running")
@@ -335,10 +340,12 @@ class Migration:
                     pass
                 except StasisError as exc:
                     problems.append(f"destination clean-up: {exc.message}")
-                    if self.destination_restoring:
+                    if self.destination_restoring and isinstance(exc, (Unavailable, DeadlineExceeded)):
+                        # Its agent is gone, not its host's runtime: a copy it made may run there.
+                        undo = (", which then removes it (an agent removes the restores it began and never "
+                                "reported)" if self.destination_runtime == "podman" else "; remove it there by hand")
                         problems.append(f"{self.container} may also run on {self.destination.name} until its "
-                                        f"agent is back, which then removes it (an agent removes the restores "
-                                        f"it began and never reported)")
+                                        f"agent is back{undo}")
             try:
                 await self.source.resume(self.container)
             except StasisError as exc:

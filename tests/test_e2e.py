@@ -196,7 +196,8 @@ def test_a_destination_agent_killed_after_its_restore_removes_that_copy_when_it_
     agent on that host removes it before it serves a call."""
     a = cluster.hosts["host-a"]
     dst = cluster.add_host(f"host-late-{cluster.backend}",
-                           extra_env={"STASIS_FAILPOINTS": "restore.pause_after_runtime"})
+                           extra_env={"STASIS_FAILPOINTS": "restore.pause_after_runtime",
+                                      "STASIS_FAILPOINT_PAUSE": "15"})   # time to see the copy run
     cluster.wait_hosts_up([dst.name])
     web = name("late")
     a.run_workload(web, MIB)

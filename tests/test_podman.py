@@ -44,6 +44,42 @@ async def test_run_times_out():
         await run(["sleep", "5"], timeout=0.2)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_command_run_to_die_with_the_agent_is_killed_when_the_agent_is(tmp_path):
+    """podman's restore must not finish unseen after a killed agent (restoring.py)."""
+    import signal
+    import subprocess
+    import sys
+
+    pidfile = tmp_path / "pid"
+    agent = subprocess.Popen([sys.executable, "-c", (
+        "import asyncio; from stasis.agent.process import run; "
+        f"asyncio.run(run(['sh', '-c', 'echo $$ > {pidfile}; exec sleep 60'], timeout=90, die_with_agent=True))")])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline and agent.poll() is None
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        os.kill(child, 0)   # running
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the command outlived the agent"
+            time.sleep(0.05)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
 def test_tail_keeps_last_lines():
     assert tail("a\n\nb\nc\n", 2) == "b | c"
 
