@@ -185,7 +185,8 @@ class DockerRuntime(Runtime):
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
                       ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
-                      pages_dir: str = "", restored: Callable[[], None] = lambda: None) -> RestoreStats:
+                      pages_dir: str = "", restored: Callable[[], None] = lambda: None,
+                      made: Callable[[str], None] = lambda _id: None) -> RestoreStats:
         api = self._api()
         check_name(name)
         stage = archive + ".d"
@@ -208,6 +209,7 @@ class DockerRuntime(Runtime):
                     raise AlreadyExists(f"a container named {name!r} already exists on this host") from None
                 raise
             cid = created["Id"]
+            made(cid)   # a new id, known once docker has created it (and before CRIU runs)
             ckpt = config["checkpoint"]
             target = self._checkpoint_dir(cid, ckpt)
             # A rename, not a copy, when the stage and docker's root share a file system.

@@ -99,7 +99,8 @@ class PodmanRuntime(Runtime):
 
     async def restore(self, archive: str, name: str, renamed: bool = True,
                       ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
-                      pages_dir: str = "", restored: Callable[[], None] = lambda: None) -> RestoreStats:
+                      pages_dir: str = "", restored: Callable[[], None] = lambda: None,
+                      made: Callable[[str], None] = lambda _id: None) -> RestoreStats:
         check_name(name)
         same_id = not renamed and re.match(r"^[0-9a-f]{64}$", container_id) is not None
         if (pages_port or pages_dir) and not same_id:
@@ -113,6 +114,8 @@ class PodmanRuntime(Runtime):
         if marked:   # CRIU's action script says when the processes resume, the wrapper how runc ended
             self._clear_requests(container_id, "resumed", "restored")
             self._ask(container_id, "mark", 0)
+        if same_id:
+            made(container_id)   # podman's import keeps the id
         restore = asyncio.ensure_future(self._restore(archive, name, renamed, ignore_volumes))
         try:
             ran = await self._until_resumed(container_id, restore, restored) if marked else None

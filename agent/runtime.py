@@ -69,14 +69,17 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def restore(self, archive: str, name: str, renamed: bool = True,
                       ignore_volumes: bool = False, pages_port: int = 0, container_id: str = "",
-                      pages_dir: str = "", restored: Callable[[], None] = lambda: None) -> RestoreStats:
+                      pages_dir: str = "", restored: Callable[[], None] = lambda: None,
+                      made: Callable[[str], None] = lambda _id: None) -> RestoreStats:
         """`renamed`: `name` differs from the checkpointed container's (a copy, not a move).
         `ignore_volumes`: the archive left named volumes out; use the ones this host has.
         `pages_port`: post-copy; memory comes lazily from 127.0.0.1:`pages_port` (the relay to the
         source) for the container `container_id`. `pages_dir`: CRIU's pages-*.img are in this folder,
         not in the archive (a folder in `pages_landing()`; same name and id). `restored()`: may be
         called once CRIU's restore is done and the processes run, before the engine's own bookkeeping
-        ends (a migration's downtime ends there); the caller treats a return as that moment too."""
+        ends (a migration's downtime ends there); the caller treats a return as that moment too.
+        `made(id)`: called with the container's id before the engine creates it, or at once after,
+        when the id is known (a same-id restore, or an engine that creates then starts)."""
 
     def sweep(self) -> None:
         """At the agent's start: remove what an agent killed mid-migration left behind."""

@@ -528,7 +528,7 @@ class AgentService:
         image_task = None
         relay = None
         pages_dir = taken = ""
-        journaled = False
+        journaled = ""   # the id of a migration's copy the journal holds (restoring.py)
         try:
             stage = tempfile.mkdtemp(prefix=f"restore-{manifest.id}-", dir=os.path.join(self.work_dir, "stage"))
             if need_image and (receiver is None or manifest.image is not None):
@@ -573,15 +573,17 @@ class AgentService:
                     ran.append(True)
                     emit("running", f"{name} runs; its memory follows from {receiver.peer}" if relay is not None
                          else f"{name} runs", 0, 0)
-            if receiver is not None and name == manifest.container.name:
-                # A migration's copy, with the source's id: undone by id should this agent die unheard.
-                journaled = True
-                self._restoring.begin(manifest.container.id, name)
+
+            def made(container_id: str) -> None:   # a migration's copy: undone by id should this agent die unheard
+                nonlocal journaled
+                if receiver is not None:
+                    journaled = container_id
+                    self._restoring.begin(container_id, name)
             stats = await self.runtime.restore(archive, name, renamed=name != manifest.container.name,
                                                ignore_volumes=ignore_volumes,
                                                pages_port=await relay.start() if relay else 0,
                                                container_id=manifest.container.id, pages_dir=pages_dir,
-                                               restored=restored)
+                                               restored=restored, made=made)
             timings["restore"] = stats.seconds
             restored()   # the runtime may not tell sooner
             timings.update({f"restore.{k}": v for k, v in stats.phases.items()})
@@ -601,12 +603,12 @@ class AgentService:
                                          f"{name}'s memory within {DAEMON_WAIT:.0f} s") from None
                 received = await relay.done
                 # Every page has left the source: this copy is the only one, never to be undone.
-                self._restoring.end(manifest.container.id)
+                self._restoring.end(journaled)
                 timings["pages"] = time.monotonic() - started
                 log.info("post-copy complete", container=name, bytes=received, seconds=round(timings["pages"], 3))
             await failpoints.pause("restore.pause_after_runtime")
             if journaled:
-                self._restoring.end(manifest.container.id)   # before anyone is told: see restoring.py
+                self._restoring.end(journaled)   # before anyone is told: see restoring.py
             log.info("checkpoint restored", checkpoint=manifest.id, container=name,
                      **{f"{k}_s": round(v, 3) for k, v in timings.items()})
             return RestoreOutcome(info, timings)
@@ -614,7 +616,7 @@ class AgentService:
             # Reported as it propagates: the controller's rollback removes what the runtime made. (Not
             # on cancellation: an agent shutting down reports nothing, and its next start undoes it.)
             if journaled:
-                self._restoring.end(manifest.container.id)
+                self._restoring.end(journaled)
             raise
         finally:
             if relay is not None and not relay.done.done():   # the restore failed: the source resumes

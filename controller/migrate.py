@@ -62,7 +62,6 @@ class Migration:
         self.freezing_at: float | None = None  # when the source reported its dump beginning
         self.post_copy_dump: asyncio.Future | None = None   # the source's Checkpoint call, post-copy
         self.destination_restoring = False   # the destination said its runtime began restoring
-        self.destination_runtime = ""        # learnt in preflight
 
     async def run(self, job: "Job") -> None:
         async with self.jobs.phase(job, "preflight"):
@@ -280,7 +279,6 @@ class Migration:
     async def preflight(self) -> None:
         """Refuse before anything is frozen: every reason here leaves the source untouched."""
         src_info, dst_info = await self.source.host_info(), await self.destination.host_info()
-        self.destination_runtime = dst_info.runtime
         c = await self.source.inspect(self.container)
         if c.state != "running":
             raise FailedPrecondition(f"{self.container} on {self.source.name} is {c.state}, not running")
@@ -342,10 +340,9 @@ class Migration:
                     problems.append(f"destination clean-up: {exc.message}")
                     if self.destination_restoring and isinstance(exc, (Unavailable, DeadlineExceeded)):
                         # Its agent is gone, not its host's runtime: a copy it made may run there.
-                        undo = (", which then removes it (an agent removes the restores it began and never "
-                                "reported)" if self.destination_runtime == "podman" else "; remove it there by hand")
                         problems.append(f"{self.container} may also run on {self.destination.name} until its "
-                                        f"agent is back{undo}")
+                                        f"agent is back, which then removes it (an agent removes the restores "
+                                        f"it began and never reported)")
             try:
                 await self.source.resume(self.container)
             except StasisError as exc:

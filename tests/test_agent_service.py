@@ -63,7 +63,7 @@ class FakeRuntime(Runtime):
         return DumpStats(0.01, {"frozen_time": 5000})
 
     async def restore(self, archive, name, renamed=True, ignore_volumes=False, pages_port=0, container_id="",
-                      pages_dir="", restored=lambda: None):
+                      pages_dir="", restored=lambda: None, made=lambda _id: None):
         self.calls.append("restore")
         self.archives[name] = open(archive, "rb").read()
         self.containers[name] = ContainerInfo("new-" + name, name, "localhost/x:1", IMAGE_ID, "running")

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from e2e_helpers import log_lines, name
+from stasis.testbed.cluster import stasis_argv
 
 pytestmark = pytest.mark.e2e
 MIB = 32
@@ -57,6 +58,44 @@ def test_docker_migrate_and_rollback(docker_cluster):
     after = a.verify_memory(other)   # resumed from its own checkpoint, same memory
     assert (after["nonce"], after["verified"]) == (start["nonce"], "ok")
     assert other not in [c["Names"][0] for c in bad.containers()]
+
+
+def test_a_docker_destination_agent_killed_after_its_restore_removes_that_copy_when_it_is_back(docker_cluster):
+    """As on podman (test_e2e), with docker's restore making a new container id the journal learns
+    once docker has created the container."""
+    a = docker_cluster.hosts["dock-a"]
+    dst = docker_cluster.add_host("dock-late", runtime="docker",
+                                  extra_env={"STASIS_FAILPOINTS": "restore.pause_after_runtime",
+                                             "STASIS_FAILPOINT_PAUSE": "15"})
+    docker_cluster.wait_hosts_up([dst.name])
+    web = name("late")
+    a.run_workload(web, MIB)
+    before = a.status(web)
+    proc = subprocess.Popen([*stasis_argv(), "--controller", docker_cluster.controller_address, "migrate",
+                             f"dock-a/{web}", "--to", dst.name, "--json"], env=docker_cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c["Names"][0] == web and c["State"] == "running" for c in dst.containers()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.poll() is not None and proc.communicate()
+            time.sleep(0.05)
+        dst.proc.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job = json.loads(out)
+    assert job["state"] == "failed" and f"may also run on {dst.name} until its agent is back" in job["error"], job
+    after = a.verify_memory(web)
+    assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
+    assert [c["State"] for c in dst.containers() if c["Names"][0] == web] == ["running"]   # two, for now
+    docker_cluster.start_agent(dst)   # its next agent, failpoint disarmed
+    docker_cluster.wait_hosts_up([dst.name])
+    deadline = time.monotonic() + 30
+    while web in [c["Names"][0] for c in dst.containers()]:
+        assert time.monotonic() < deadline, "the next agent did not remove the copy its predecessor left"
+        time.sleep(0.2)
+    a.podman("rm", "-f", web)
 
 
 def test_docker_checkpoint_refused_on_podman_host(docker_cluster):
