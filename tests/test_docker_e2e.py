@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from e2e_helpers import log_lines, name
-from stasis.testbed.cluster import stasis_argv
+from e2e_helpers import LATE, log_lines, migrate_killing_the_destination_once_its_copy_runs, name, wait_gone
 
 pytestmark = pytest.mark.e2e
 MIB = 32
@@ -64,37 +63,19 @@ def test_a_docker_destination_agent_killed_after_its_restore_removes_that_copy_w
     """As on podman (test_e2e), with docker's restore making a new container id the journal learns
     once docker has created the container."""
     a = docker_cluster.hosts["dock-a"]
-    dst = docker_cluster.add_host("dock-late", runtime="docker",
-                                  extra_env={"STASIS_FAILPOINTS": "restore.pause_after_runtime",
-                                             "STASIS_FAILPOINT_PAUSE": "15"})
+    dst = docker_cluster.add_host("dock-late", runtime="docker", extra_env=LATE)
     docker_cluster.wait_hosts_up([dst.name])
     web = name("late")
     a.run_workload(web, MIB)
     before = a.status(web)
-    proc = subprocess.Popen([*stasis_argv(), "--controller", docker_cluster.controller_address, "migrate",
-                             f"dock-a/{web}", "--to", dst.name, "--json"], env=docker_cluster.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(c["Names"][0] == web and c["State"] == "running" for c in dst.containers()):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.poll() is not None and proc.communicate()
-            time.sleep(0.05)
-        dst.proc.kill()
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    job = json.loads(out)
+    job = migrate_killing_the_destination_once_its_copy_runs(docker_cluster, "dock-a", dst, web)
     assert job["state"] == "failed" and f"may also run on {dst.name} until its agent is back" in job["error"], job
     after = a.verify_memory(web)
     assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
     assert [c["State"] for c in dst.containers() if c["Names"][0] == web] == ["running"]   # two, for now
     docker_cluster.start_agent(dst)   # its next agent, failpoint disarmed
     docker_cluster.wait_hosts_up([dst.name])
-    deadline = time.monotonic() + 30
-    while web in [c["Names"][0] for c in dst.containers()]:
-        assert time.monotonic() < deadline, "the next agent did not remove the copy its predecessor left"
-        time.sleep(0.2)
+    wait_gone(dst, web)
     a.podman("rm", "-f", web)
 
 

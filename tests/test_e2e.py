@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from e2e_helpers import log_lines, name, one_error_line
+from e2e_helpers import (LATE, log_lines, migrate_killing_the_destination_once_its_copy_runs, name, one_error_line,
+                         wait_gone)
 from stasis.testbed.cluster import stasis_argv
 
 pytestmark = pytest.mark.e2e
@@ -195,26 +196,12 @@ def test_a_destination_agent_killed_after_its_restore_removes_that_copy_when_it_
     so: the controller rolls back (the source resumes) and cannot reach the copy there. The next
     agent on that host removes it before it serves a call."""
     a = cluster.hosts["host-a"]
-    dst = cluster.add_host(f"host-late-{cluster.backend}",
-                           extra_env={"STASIS_FAILPOINTS": "restore.pause_after_runtime",
-                                      "STASIS_FAILPOINT_PAUSE": "15"})   # time to see the copy run
+    dst = cluster.add_host(f"host-late-{cluster.backend}", extra_env=LATE)
     cluster.wait_hosts_up([dst.name])
     web = name("late")
     a.run_workload(web, MIB)
     before = a.status(web)
-    proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
-                     "--to", dst.name, "--json"], env=cluster.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(c["Names"][0] == web and c["State"] == "running" for c in dst.containers()):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.poll() is not None and proc.communicate()
-            time.sleep(0.05)
-        dst.proc.kill()
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    job = json.loads(out)
+    job = migrate_killing_the_destination_once_its_copy_runs(cluster, "host-a", dst, web)
     assert job["state"] == "failed" and f"may also run on {dst.name} until its agent is back" in job["error"], job
     after = a.verify_memory(web)
     assert (after["nonce"], after["verified"]) == (before["nonce"], "ok")
@@ -224,10 +211,8 @@ def test_a_destination_agent_killed_after_its_restore_removes_that_copy_when_it_
     assert [c["State"] for c in json.loads(seen or "[]") if c["Names"][0] == web] == ["running"]
     cluster.start_agent(dst)   # its next agent, failpoint disarmed
     cluster.wait_hosts_up([dst.name])   # it registers once it serves, and it serves once it has removed it
-    deadline = time.monotonic() + 30   # (its port takes connections a little before: grpc binds early)
-    while web in [c["Names"][0] for c in dst.containers()]:
-        assert time.monotonic() < deadline, _tail(os.path.join(cluster.base, f"agent-{dst.name}.log"))
-        time.sleep(0.2)
+    # (its port takes connections a little before: grpc binds early)
+    wait_gone(dst, web, lambda: _tail(os.path.join(cluster.base, f"agent-{dst.name}.log")))
     a.podman("rm", "-f", "-t", "0", web)
 
 
