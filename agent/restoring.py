@@ -5,11 +5,12 @@ container that may even run) where the controller cannot reach it: the controlle
 the agent gone and resumes the source. The next agent removes it before it serves any call, so two
 copies do not outlive the dead agent.
 
-An entry is written before the runtime starts and removed once the restore has
-succeeded, before the agent reports it: an entry left behind means nobody was told of the
-container, so nothing was committed on it. A failed restore keeps its entry; the controller's
-rollback removes the container and the sweep then finds nothing. Keyed by container id (a migrated
-container keeps its id): a container of the same name made since is never touched.
+An entry is written once the runtime knows the copy's id (podman: the source's, before its import;
+docker: a new one, right after it creates the container, before CRIU runs) and removed before the
+agent reports the outcome, success or failure (a failed copy the controller's rollback removes). An
+entry left behind means nobody was told of the container, so nothing was committed on it. A
+post-copy copy leaves the journal once all its memory has arrived: it is then the only copy. Keyed by
+container id: a container of the same name made since is never touched.
 
 Not fsynced: the write is on the downtime's path (an fsync waits behind the pages being written back,
 0.3 s measured), and what it guards against is the agent's death, which the page cache survives.
@@ -20,6 +21,7 @@ carry the boot they were written in, and one from an earlier boot is dropped, ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
+@functools.cache   # it names this boot: read once, not on each restore's downtime path
 def boot_id() -> str:
     with open(BOOT_ID) as f:
         return f.read().strip()

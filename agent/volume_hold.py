@@ -26,9 +26,9 @@ from stasis.errors import RuntimeFailure
 log = structlog.get_logger()
 
 MS_RDONLY, MS_REMOUNT, MS_BIND = 0x1, 0x20, 0x1000
-# A read-only remount must repeat the flags the kernel locks on the source (nosuid, nodev, noexec,
-# atime): statvfs reports them with the same values as mount(2) takes them.
-KEPT_FLAGS = 0x2 | 0x4 | 0x8 | 0x400 | 0x800 | 0x1000
+# A read-only remount must repeat the flags the kernel may lock on the source: statvfs's bit -> mount(2)'s.
+KEPT_FLAGS = ((os.ST_NOSUID, 0x2), (os.ST_NODEV, 0x4), (os.ST_NOEXEC, 0x8), (os.ST_NOATIME, 0x400),
+              (os.ST_NODIRATIME, 0x800), (os.ST_RELATIME, 0x200000))
 MNT_DETACH = 0x2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
@@ -87,7 +87,8 @@ def held(volumes: dict[str, str], folder: str) -> Iterator[dict[str, str]]:
                 os.makedirs(target, exist_ok=True)
                 _mount(source, target, MS_BIND)
                 taken.append(target)
-                kept = os.statvfs(target).f_flag & KEPT_FLAGS
+                flags = os.statvfs(target).f_flag
+                kept = sum(ms for st, ms in KEPT_FLAGS if flags & st)
                 _mount(None, target, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
             except OSError as exc:
                 raise RuntimeFailure(f"could not hold volume {name} open for the migration archive "

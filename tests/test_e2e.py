@@ -139,6 +139,35 @@ def _tail(path: str, lines: int = 40) -> str:
         return f"({e})"
 
 
+def _job_in_store(cluster, container: str) -> dict | None:
+    """The newest job on `container`, read from the controller's database itself: a phase can pass
+    in less time than a CLI process takes to start, and the kill must land inside it."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{cluster.base}/controller.db?mode=ro", uri=True,
+                                                timeout=1)) as db:
+            rows = db.execute("SELECT id, phase, params FROM jobs ORDER BY created DESC LIMIT 5").fetchall()
+    except sqlite3.OperationalError:   # the controller is writing; look again
+        return None
+    return next(({"id": i, "phase": p} for i, p, params in rows if json.loads(params).get("container") == container),
+                None)
+
+
+def _when_in_phase(cluster, container: str, phase: str, proc: sp.Popen, logs: tuple[str, ...]) -> dict:
+    """The migration job on `container` (its `proc` the CLI that started it) once it is in `phase`;
+    fails with the migration's output and the tails of `logs` if it never gets there."""
+    deadline, job = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        job = _job_in_store(cluster, container)
+        if job is not None and job["phase"] == phase:
+            return job
+        if job is None and proc.poll() is not None:   # refused before it became a job
+            break
+        time.sleep(0.01)
+    raise AssertionError(f"the job never showed phase {phase}: {job} "
+                         f"{proc.poll() is not None and proc.communicate()}\n" + "\n".join(
+                             f"--- {log}\n" + _tail(os.path.join(cluster.base, log)) for log in logs))
+
+
 def _kill_destination_in_phase(cluster, tag: str, mib: int, phase: str, *flags: str,
                                after: float = 0.0) -> tuple[dict, dict, str]:
     """Migrate a fresh workload to a host of its own and SIGKILL that host's agent `after` seconds
@@ -153,17 +182,7 @@ def _kill_destination_in_phase(cluster, tag: str, mib: int, phase: str, *flags: 
                      "--to", dst.name, *flags, "--json"], env={**cluster.env}, stdout=sp.PIPE, stderr=sp.PIPE,
                     text=True)
     try:
-        deadline = time.monotonic() + 60
-        job = None
-        while time.monotonic() < deadline:
-            job = _job_in_store(cluster, web)
-            if job and job["phase"] == phase:
-                break
-            time.sleep(0.01)
-        else:
-            logs = ("controller.log", "agent-host-a.log", f"agent-{dst.name}.log")
-            raise AssertionError(f"the job never showed phase {phase}: {job}\n" + "\n".join(
-                f"--- {log}\n" + _tail(os.path.join(cluster.base, log)) for log in logs))
+        _when_in_phase(cluster, web, phase, proc, ("controller.log", "agent-host-a.log", f"agent-{dst.name}.log"))
         time.sleep(after)
         dst.proc.kill()
         try:
@@ -604,19 +623,6 @@ def test_migrate_carries_tcp_connection_named_volume_shm_locks_and_process_tree(
     b.podman("rm", "-f", "-t", "0", web)
 
 
-def _job_in_store(cluster, container: str) -> dict | None:
-    """The newest job on `container`, read from the controller's database itself: a phase can pass
-    in less time than a CLI process takes to start, and the kill must land inside it."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{cluster.base}/controller.db?mode=ro", uri=True,
-                                                timeout=1)) as db:
-            rows = db.execute("SELECT id, phase, params FROM jobs ORDER BY created DESC LIMIT 5").fetchall()
-    except sqlite3.OperationalError:   # the controller is writing; look again
-        return None
-    return next(({"id": i, "phase": p} for i, p, params in rows if json.loads(params).get("container") == container),
-                None)
-
-
 @pytest.mark.parametrize("phase", ["checkpoint", "restore"])
 def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(cluster, phase):
     a = cluster.hosts["host-a"]
@@ -635,15 +641,8 @@ def test_controller_killed_mid_migration_finishes_or_rolls_back_on_restart(clust
     before = a.status(web)
     proc = sp.Popen([*stasis_argv(), "--controller", cluster.controller_address, "migrate", f"host-a/{web}",
                      "--to", b.name, "--json"], env=cluster.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
-    job = None
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (job is None or job["phase"] != phase):
-            job = _job_in_store(cluster, web)
-            if job is None and proc.poll() is not None:   # refused before it became a job: say why
-                break
-            time.sleep(0.01)
-        assert job is not None and job["phase"] == phase, (job, proc.poll() is not None and proc.communicate())
+        job = _when_in_phase(cluster, web, phase, proc, ("controller.log", "agent-host-a.log", f"agent-{b.name}.log"))
         cluster.controller.kill()                      # no clean shutdown: a crash
         cluster.controller.wait()
         proc.communicate(timeout=60)
